@@ -1,0 +1,1 @@
+"""``route-cli``: thin typer + rich wrappers over the library."""

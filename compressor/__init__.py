@@ -1,0 +1,1 @@
+"""The Transformer autoencoder that compresses 512 tokens into 8 latents."""

@@ -1,0 +1,1 @@
+"""Data layer: document sources, train/val/test split, BPE tokenizer, chunk shards."""

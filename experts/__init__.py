@@ -1,0 +1,1 @@
+"""Expert causal LMs: TLinFormer, TConstFormer and the standard Transformer baseline."""

@@ -1,0 +1,1 @@
+"""Expert registry, routing by reconstruction error, and mounting of new experts."""
