@@ -1,0 +1,165 @@
+"""Checkpoint directories: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``).
+
+A checkpoint is loadable from its directory alone. Weights are read with safetensors only,
+never unpickled; ``config.json`` is validated strictly against the model's config dataclass
+(unknown or missing fields are an error naming them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+# kind -> "module:Class"; imported lazily so loading a compressor never imports the experts.
+MODEL_KINDS: dict[str, str] = {
+    "compressor": "cir.compressor.model:Compressor",
+    "tlinformer": "cir.experts.tlinformer:TLinFormer",
+    "tconstformer": "cir.experts.tconstformer:TConstFormer",
+    "transformer": "cir.experts.transformer:Transformer",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded, with the reason."""
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config dataclass, refusing unknown or missing fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    missing = sorted(names - set(data))
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown fields {unknown}")
+        if missing:
+            parts.append(f"missing fields {missing}")
+        raise CheckpointError(f"{cls.__name__}: " + "; ".join(parts))
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**fixed)
+
+
+def model_class(kind: str) -> type[nn.Module]:
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"unknown model kind {kind!r}; valid: {', '.join(MODEL_KINDS)}")
+    module_name, cls_name = MODEL_KINDS[kind].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_config(directory: Path, model: nn.Module) -> None:
+    payload = {"kind": model.kind, "config": config_to_dict(model.config)}
+    _atomic_write_text(Path(directory) / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
+
+
+def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    """Write weights atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_model(unwrap(model), str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    tokenizer: str | Path | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Save ``model`` (with ``.kind`` and ``.config``) as a checkpoint directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = unwrap(model)
+    write_config(directory, model)
+    save_weights(directory / WEIGHTS_FILE, model, metadata)
+    if (
+        tokenizer is not None
+        and Path(tokenizer).resolve() != (directory / TOKENIZER_FILE).resolve()
+    ):
+        shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
+    return directory
+
+
+def read_config(directory: str | Path) -> tuple[str, Any]:
+    """Return ``(kind, config)`` from ``config.json``."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a checkpoint directory (no {CONFIG_FILE})")
+    try:
+        payload = json.loads(path.read_text())
+        kind, raw = payload["kind"], payload["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: malformed config ({exc})") from None
+    cls = model_class(kind)
+    try:
+        return kind, config_from_dict(cls.config_class, raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model from its checkpoint directory, strictly, without unpickling anything."""
+    directory = Path(directory)
+    kind, config = read_config(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: missing {WEIGHTS_FILE}")
+    model = model_class(kind)(config)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{weights}: cannot load weights ({exc})") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights}: weights do not match the config (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
+    return model.to(device).eval()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

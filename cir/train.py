@@ -1,0 +1,417 @@
+"""The one training loop shared by the compressor and the expert LMs.
+
+Reads top to bottom: setup, resume, ``for step``, log every N, eval every M, checkpoint
+every K. Everything that decides the result is a pure function of the step: the batch
+(``batch_indices(seed, step)``) and the learning rate (``lr_at(step)``), so a run killed
+at any point and re-run with the same command resumes from its last checkpoint and ends
+bit-identical (on CPU) to an uninterrupted run.
+
+Multi-GPU: launch the same script under ``torchrun``; each rank takes its slice of the
+global batch and DDP averages the gradients (gloo on CPU, NCCL on CUDA).
+
+Checkpoint directory (``out_dir``): ``config.json``, ``model.safetensors``,
+``tokenizer.json``, ``train_state.pt`` (optimizer + step + RNG, loaded with
+``weights_only=True``), ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cir.checkpoint import (
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    read_config,
+    save_weights,
+    unwrap,
+    weights_metadata,
+    write_config,
+)
+
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+# Fields that may change between a run and its resumption without changing the result.
+_RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "ckpt_every", "log_every", "compile"}
+
+LossFn = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]
+]
+
+
+class ChunkData(Protocol):
+    def __len__(self) -> int: ...
+    def get_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global, in chunks
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 4
+    ckpt_every: int = 200
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    peak_tflops: float = 989.0  # for MFU on CUDA; H100 SXM dense bf16
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps > 0, "steps must be > 0"),
+            (self.batch_size > 0, "batch_size must be > 0"),
+            (self.lr > 0, "lr must be > 0"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (
+                self.log_every > 0 and self.eval_every > 0 and self.ckpt_every > 0,
+                "log_every, eval_every and ckpt_every must be > 0",
+            ),
+            (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    resumed_from: int
+    last: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
+    """The global batch of step ``step``: a pure function of (seed, step)."""
+    rng = np.random.default_rng([seed, step])
+    return np.sort(rng.integers(0, n, size=batch_size))
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and os.environ.get("LOCAL_RANK") is not None:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, biases and other vectors."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _save(
+    out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig
+) -> None:
+    """Write weights then state, each atomically; both carry the step so a kill between
+    the two renames is detected and repaired by ``_consistent_step``."""
+    state = {
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "train_config": json.dumps(cfg.to_dict()),
+        "torch_rng": torch.get_rng_state(),
+    }
+    state_tmp = out_dir / (STATE_FILE + ".tmp")
+    torch.save(state, state_tmp)
+    with open(state_tmp, "rb") as f:
+        os.fsync(f.fileno())
+    save_weights(out_dir / WEIGHTS_FILE, model, metadata={"step": str(step)})
+    os.replace(state_tmp, out_dir / STATE_FILE)
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _consistent_step(out_dir: Path) -> int | None:
+    """Step of the last complete checkpoint in ``out_dir`` (None when there is none)."""
+    weights, state = out_dir / WEIGHTS_FILE, out_dir / STATE_FILE
+    if not weights.is_file():
+        return None
+    w_step = int(weights_metadata(weights).get("step", -1))
+    state_tmp = out_dir / (STATE_FILE + ".tmp")
+    if state_tmp.is_file():
+        try:
+            if _load_state(state_tmp)["step"] == w_step:
+                os.replace(state_tmp, state)  # killed between the two renames: finish it
+        except Exception:  # noqa: BLE001 - a half-written temp file is simply discarded
+            state_tmp.unlink(missing_ok=True)
+    if not state.is_file():
+        return None
+    s_step = _load_state(state)["step"]
+    if s_step != w_step:
+        raise CheckpointError(
+            f"{out_dir}: weights (step {w_step}) and state (step {s_step}) disagree"
+        )
+    return s_step
+
+
+def _check_resumable(
+    out_dir: Path, model: nn.Module, saved_cfg: dict[str, Any], cfg: TrainConfig
+) -> None:
+    _, saved_model_cfg = read_config(out_dir)
+    if saved_model_cfg != unwrap(model).config:
+        raise CheckpointError(
+            f"{out_dir} holds a run with a different model config; use another --out or delete it"
+        )
+    now = cfg.to_dict()
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved_cfg.get(k) != now[k])
+    if changed:
+        raise CheckpointError(
+            f"{out_dir} holds a run with different training settings ({', '.join(changed)}); "
+            "use the same settings to resume, or another --out"
+        )
+
+
+def _resume(out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig) -> int:
+    step = _consistent_step(out_dir)
+    if step is None:
+        return 0
+    state = _load_state(out_dir / STATE_FILE)
+    _check_resumable(out_dir, model, json.loads(state["train_config"]), cfg)
+    from safetensors.torch import load_model
+
+    load_model(unwrap(model), str(out_dir / WEIGHTS_FILE), strict=True)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return step
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _to_float(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v.detach().float().item()) for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loss_fn: LossFn, data: ChunkData, cfg: TrainConfig, device: torch.device
+) -> dict[str, float]:
+    """Mean loss and metrics over a fixed set of validation batches."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    n = len(data)
+    bs = min(cfg.batch_size, n)
+    batches = min(cfg.eval_batches, math.ceil(n / bs))
+    for b in range(batches):
+        idx = np.arange(b * bs, min(n, (b + 1) * bs))
+        ids, mask = (t.to(device) for t in data.get_batch(idx))
+        with _autocast(device, cfg.precision):
+            loss, metrics = loss_fn(model, ids, mask)
+        for k, v in {"loss": float(loss.detach()), **_to_float(metrics)}.items():
+            totals[k] = totals.get(k, 0.0) + v / batches
+    model.train(was_training)
+    return {f"val_{k}": v for k, v in totals.items()}
+
+
+def _prepare_out_dir(out_dir: Path, model: nn.Module, tokenizer: str | Path | None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / "config.json").is_file():
+        write_config(out_dir, unwrap(model))
+    if tokenizer is not None and not (out_dir / TOKENIZER_FILE).is_file():
+        shutil.copyfile(tokenizer, out_dir / TOKENIZER_FILE)
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_data: ChunkData,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    val_data: ChunkData | None = None,
+    tokenizer: str | Path | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Train ``model`` with ``loss_fn(model, ids, mask) -> (loss, metrics)``.
+
+    ``loss_fn`` must use the model only through ``model(...)`` (it may be DDP-wrapped or
+    compiled). Re-running with the same arguments resumes from ``out_dir``. ``stop_at``
+    ends the run early after that step (as an interruption would), checkpoint included.
+    """
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    ddp = _init_distributed(device)
+    if len(train_data) == 0:
+        raise ValueError("training data is empty")
+    if cfg.batch_size % ddp.world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {ddp.world} ranks")
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    opt = make_optimizer(model, cfg, device)
+    if ddp.main:
+        _prepare_out_dir(out_dir, model, tokenizer)
+    if ddp.world > 1:
+        dist.barrier()
+    start = _resume(out_dir, model, opt, cfg)
+    net: nn.Module = model
+    if ddp.world > 1:
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        net = torch.compile(net)
+    log = _Logger(out_dir / METRICS_FILE, ddp, on_log, cfg, model, device)
+    result = TrainResult(out_dir=out_dir, step=start, resumed_from=start)
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    per_rank = cfg.batch_size // ddp.world
+    for step in range(start, end):
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(cfg.seed, step, cfg.batch_size, len(train_data))
+        idx = idx[ddp.rank * per_rank : (ddp.rank + 1) * per_rank]
+        ids, mask = (t.to(device, non_blocking=True) for t in train_data.get_batch(idx))
+        with _autocast(device, cfg.precision):
+            loss, metrics = loss_fn(net, ids, mask)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        log.tokens = log.tokens + mask.sum() * ddp.world  # stays on device: no sync per step
+        if done % cfg.log_every == 0 or done == end:
+            result.last = log.train(done, loss, metrics, lr, grad_norm)
+        if val_data is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            result.last_eval = log.eval(done, evaluate(model, loss_fn, val_data, cfg, device))
+        if done % cfg.ckpt_every == 0 or done == end:
+            if ddp.main:
+                _save(out_dir, model, opt, done, cfg)
+                log.event({"event": "checkpoint", "step": done})
+            if ddp.world > 1:
+                dist.barrier()
+        result.step = done
+    result.wall_s = time.perf_counter() - t_start
+    return result
+
+
+class _Logger:
+    """JSONL metrics (rank 0) plus the caller's ``on_log`` callback."""
+
+    def __init__(
+        self, path: Path, ddp: _Dist, on_log, cfg: TrainConfig, model: nn.Module, device
+    ) -> None:
+        self.path, self.ddp, self.on_log, self.cfg = path, ddp, on_log, cfg
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+        fpt = getattr(unwrap(model), "flops_per_token", None)
+        self.flops_per_token = fpt() if callable(fpt) else None
+        self.device = device
+
+    def event(self, record: dict[str, Any]) -> None:
+        if not self.ddp.main:
+            return
+        record = {"time": time.time(), **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.on_log is not None:
+            self.on_log(record)
+
+    def train(self, step: int, loss, metrics, lr: float, grad_norm) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        rec: dict[str, Any] = {
+            "event": "train",
+            "step": step,
+            "steps": self.cfg.steps,
+            "loss": float(loss.detach()),
+            **_to_float(metrics),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": float(self.tokens) / elapsed,
+        }
+        if self.flops_per_token and self.device.type == "cuda":
+            achieved = self.flops_per_token * rec["tokens_per_s"]
+            rec["mfu"] = achieved / (self.cfg.peak_tflops * 1e12 * self.ddp.world)
+        self.tokens, self.t0 = 0, time.perf_counter()
+        self.event(rec)
+        return {k: v for k, v in rec.items() if isinstance(v, float)}
+
+    def eval(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        self.event({"event": "eval", "step": step, "steps": self.cfg.steps, **metrics})
+        return metrics

@@ -1,0 +1,54 @@
+"""A tiny causal LM and in-memory chunk data used by the trainer and checkpoint tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ToyConfig:
+    vocab_size: int = 32
+    d_model: int = 16
+
+
+class Toy(nn.Module):
+    kind = "toy"
+    config_class = ToyConfig
+
+    def __init__(self, config: ToyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.mix = nn.Linear(config.d_model, config.d_model)
+        self.norm = nn.LayerNorm(config.d_model)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.tanh(self.mix(self.emb(ids))))  # [B, T, D]
+        return h @ self.emb.weight.T  # [B, T, V], tied head
+
+
+def toy_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+    logits = model(ids[:, :-1])
+    target = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100)
+    acc = (logits.argmax(-1) == ids[:, 1:])[mask[:, 1:]].float().mean()
+    return loss, {"acc": acc}
+
+
+class ArrayChunks:
+    def __init__(self, n: int = 64, seq_len: int = 12, vocab: int = 32, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        start = rng.integers(0, vocab, size=(n, 1))
+        self.ids = (start + np.arange(seq_len)) % vocab  # learnable: next = current + 1
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get_batch(self, idx):
+        ids = torch.as_tensor(self.ids[idx], dtype=torch.long)
+        return ids, torch.ones_like(ids, dtype=torch.bool)

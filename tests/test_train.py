@@ -1,0 +1,122 @@
+"""The shared trainer: schedule, resume == uninterrupted, crash repair, DDP on gloo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from _toy import ArrayChunks, Toy, ToyConfig, toy_loss
+from safetensors.torch import load_file
+
+from cir import checkpoint
+from cir.train import STATE_FILE, TrainConfig, batch_indices, lr_at, train
+
+checkpoint.MODEL_KINDS.setdefault("toy", "_toy:Toy")
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=12, batch_size=8, lr=1e-2, warmup_steps=3, log_every=2, eval_every=6,
+                ckpt_every=4, eval_batches=2, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(d: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_batches_are_a_pure_function_of_step():
+    a = batch_indices(1, 7, 16, 100)
+    assert (a == batch_indices(1, 7, 16, 100)).all()
+    assert not (a == batch_indices(1, 8, 16, 100)).all()
+
+
+def test_training_reduces_loss_and_writes_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    records = []
+    res = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(steps=40),
+                val_data=ArrayChunks(seed=1), on_log=records.append)
+    losses = [r["loss"] for r in records if r["event"] == "train"]
+    assert losses[-1] < 0.5 * losses[0]
+    assert res.step == 40 and "val_loss" in res.last_eval
+    model = checkpoint.load_checkpoint(tmp_path)
+    assert isinstance(model, Toy)
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == len(records)
+
+
+def test_resume_is_bit_identical_to_uninterrupted(tmp_path):
+    torch.manual_seed(0)
+    full = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "full", _cfg())
+    torch.manual_seed(0)
+    part = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "part", _cfg(), stop_at=5)
+    assert part.step == 5
+    torch.manual_seed(123)  # a fresh process would start from other weights: they are restored
+    resumed = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "part", _cfg())
+    assert resumed.resumed_from == 5 and full.step == resumed.step == 12
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(), stop_at=4)
+    with pytest.raises(checkpoint.CheckpointError, match="lr"):
+        train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(lr=5e-3))
+    with pytest.raises(checkpoint.CheckpointError, match="model config"):
+        train(Toy(ToyConfig(d_model=8)), toy_loss, ArrayChunks(), tmp_path, _cfg())
+
+
+def test_kill_between_renames_is_repaired(tmp_path):
+    """Weights renamed, state still in its temp file: the resume completes the rename."""
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(), stop_at=8)
+    state = tmp_path / STATE_FILE
+    # fabricate the crash: the step-8 state back into its temp name, an older one in place
+    os.replace(state, tmp_path / (STATE_FILE + ".tmp"))
+    torch.manual_seed(0)
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "old", _cfg(), stop_at=4)
+    os.replace(tmp_path / "old" / STATE_FILE, state)
+    res = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg())
+    assert res.resumed_from == 8
+
+
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    sys.path.insert(0, {tests!r})
+    from _toy import ArrayChunks, Toy, ToyConfig, toy_loss
+    from cir import checkpoint
+    from cir.train import TrainConfig, train
+    checkpoint.MODEL_KINDS["toy"] = "_toy:Toy"
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, warmup_steps=2, ckpt_every=3, seed=1)
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), sys.argv[1], cfg)
+    """
+)
+
+
+def test_ddp_gloo_two_processes_matches_single(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_port=29517", str(script), str(tmp_path / "two")],
+        check=True, env=env, capture_output=True,
+    )
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
