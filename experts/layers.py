@@ -20,7 +20,7 @@ NORMS = ("rmsnorm", "layernorm")
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain, computed in fp32."""
+    """Root-mean-square norm with a learned gain, computed in at least fp32."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -28,9 +28,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
@@ -60,10 +60,12 @@ class SwiGLU(nn.Module):
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[T, head_dim // 2]`` for absolute ``positions`` ``[T]``."""
+    """cos/sin tables ``[T, head_dim // 2]`` for absolute ``positions`` ``[T]``.
+
+    Angles are formed in float64: at positions near 1e6 float32 would be off by ~0.1 rad."""
     half = head_dim // 2
-    inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, half]
+    inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float64) / half)
+    angles = positions.double()[:, None] * inv_freq[None, :]  # [T, half]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
