@@ -1,9 +1,203 @@
-"""`route-cli` commands of the expert group."""
+"""`route-cli` commands of the expert group: `expert train`, `generate`, `bench decode`."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
+from cir.cli.common import console, fail, handle_errors, print_json, progress
+from rich.table import Table
+
+expert_app = typer.Typer(help="Expert language models (TLinFormer and baselines).",
+                         no_args_is_help=True)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON when they can be (numbers, booleans)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            fail(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+@expert_app.command("train")
+@handle_errors
+def train_cmd(
+    data: str = typer.Option(..., "--data", help="Dataset name or directory (route-cli data build)."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory (re-run to resume)."),
+    arch: str = typer.Option("tlinformer", help="tlinformer | tconstformer | transformer"),
+    preset: str = typer.Option("small", help="debug | small | paper-41m"),
+    steps: int = typer.Option(1000, help="Optimizer steps."),
+    batch_size: int = typer.Option(16, help="Chunks per step."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate."),
+    warmup_steps: int = typer.Option(100),
+    eval_every: int = typer.Option(200),
+    ckpt_every: int = typer.Option(200),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    seed: int = typer.Option(0),
+    set_: list[str] = typer.Option([], "--set", help="Model config override key=value."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train an expert LM on a chunk dataset.
+
+    Example: route-cli expert train --data python-code --out runs/tlin --arch tlinformer
+    --preset small --steps 500
+    """
+    from cir.experts.train import train_expert
+
+    from cir.train import TrainConfig
+
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                      eval_every=eval_every, ckpt_every=ckpt_every, device=device, seed=seed)
+    with progress(disable=as_json) as bar:
+        task = bar.add_task(f"train {arch}", total=steps, info="")
+
+        def on_log(rec: dict[str, Any]) -> None:
+            if rec.get("event") == "train":
+                bar.update(task, completed=rec["step"], info=f"loss {rec['loss']:.3f}")
+            elif rec.get("event") == "eval":
+                bar.update(task, info=f"val_loss {rec.get('val_loss', float('nan')):.3f}")
+
+        result = train_expert(data, out, arch=arch, preset=preset, train_cfg=cfg,
+                              overrides=_overrides(set_), on_log=on_log)
+    payload = {"out_dir": str(result.out_dir), "step": result.step,
+               "resumed_from": result.resumed_from, "last": result.last,
+               "last_eval": result.last_eval, "wall_s": result.wall_s}
+    if as_json:
+        print_json(payload)
+        return
+    table = Table(title=f"{arch} ({preset}) -> {result.out_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in {**result.last, **result.last_eval}.items():
+        table.add_row(key, f"{value:.4g}")
+    table.add_row("steps", f"{result.step} (resumed from {result.resumed_from})")
+    table.add_row("wall time", f"{result.wall_s:.1f} s")
+    console.print(table)
+
+
+@handle_errors
+def generate_cmd(
+    ckpt: Path = typer.Argument(..., help="Expert LM checkpoint directory."),
+    prompt: str = typer.Option("", "--prompt", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
+    temperature: float = typer.Option(0.8, help="0 = greedy."),
+    top_k: int = typer.Option(50, help="Sample from the k most likely tokens (0 = all)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Continue a prompt with an expert LM (cached decoding).
+
+    Example: route-cli generate runs/tlin --prompt "def main(" --max-new-tokens 80
+    """
+    import torch
+    from cir.experts.generate import generate
+    from tokenizers import Tokenizer
+
+    from cir.checkpoint import TOKENIZER_FILE, load_checkpoint
+
+    tok_path = ckpt / TOKENIZER_FILE
+    if not tok_path.is_file():
+        fail(f"{ckpt}: no {TOKENIZER_FILE} next to the model")
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    model = load_checkpoint(ckpt, device=device)
+    ids = tokenizer.encode(prompt).ids or [1]  # an empty prompt starts after EOS
+    out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=temperature,
+                   top_k=top_k or None, seed=seed)
+    new = out[0, len(ids):].tolist()
+    text = tokenizer.decode(new)
+    if as_json:
+        print_json({"prompt": prompt, "completion": text, "prompt_ids": ids, "new_ids": new})
+        return
+    console.print(prompt + text, highlight=False, markup=False)
+
+
+@handle_errors
+def bench_decode_cmd(
+    preset: str = typer.Option("small", help="Model preset shared by every model."),
+    models: str = typer.Option("tlinformer,tconstformer,transformer-static,transformer-concat",
+                               help="Comma-separated benchmark models."),
+    n: list[int] = typer.Option([], "--n", help="Context lengths (repeatable); default "
+                                "1K..32K on CPU, 1K..4M on CUDA."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    dtype: str = typer.Option("", help="float32 | bfloat16 (default: bf16 on CUDA)"),
+    steps: int = typer.Option(8, help="Cache-hit steps timed per N (median reported)."),
+    max_memory_gb: float = typer.Option(0.0, help="CUDA memory budget in GiB (0 = all)."),
+    time_budget_s: float = typer.Option(420.0, help="Wall-time budget shared by the models."),
+    out: Path = typer.Option(None, "--out", help="Folder for bench.json and bench.png."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Per-token decode latency (cache hit / miss), cache memory and max N, random weights.
+
+    Example: route-cli bench decode --preset small --n 1024 --n 4096 --n 32768
+    """
+    from cir.experts.bench import decode_bench, plot_decode, ratios
+
+    from cir.paths import cir_home
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    with progress(disable=as_json) as bar:
+        task = bar.add_task("decode bench", total=None, info="")
+
+        def on_point(p) -> None:
+            bar.update(task, advance=1, info=f"{p.model} N={p.n}")
+
+        result = decode_bench(preset, names, n or None, device, dtype or None, steps,
+                              max_memory_gb or None, time_budget_s or None, on_point=on_point)
+    out = out or cir_home() / "bench" / f"decode-{preset}-{device}"
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**result.to_dict(), "ratios": ratios(result)}
+    (out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
+    png = plot_decode(result, out / "bench.png")
+    if as_json:
+        print_json({**payload, "json": str(out / "bench.json"), "png": str(png)})
+        return
+    _render_bench(result, payload["ratios"])
+    console.print(f"wrote {out / 'bench.json'} and {png}")
+
+
+def _fmt(value: float | None, scale: float = 1.0, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value / scale, spec)
+
+
+def _render_bench(result, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=f"decode: {result.preset} on {result.device} ({result.dtype})")
+    for col in ("model", "N", "hit ms", "miss ms", "cache MiB", "peak MiB", "GFLOP hit",
+                "GFLOP miss"):
+        table.add_column(col, justify="right")
+    for p in result.points:
+        table.add_row(p.model, str(p.n), _fmt(p.hit_ms), _fmt(p.miss_ms),
+                      _fmt(p.cache_bytes, 2**20), _fmt(p.peak_bytes, 2**20),
+                      _fmt(p.flops_hit, 1e9), _fmt(p.flops_miss, 1e9) if not p.error
+                      else p.error)
+    console.print(table)
+    if rows:
+        top = max(r["n"] for r in rows)
+        ratio = Table(title=f"baseline / tlinformer at N={top}")
+        for col in ("baseline", "hit", "miss", "cache bytes"):
+            ratio.add_column(col, justify="right")
+        for r in rows:
+            if r["n"] == top:
+                ratio.add_row(r["baseline"], f"{r['hit']:.2f}x", f"{r['miss']:.2f}x",
+                              _fmt(r["cache"], 1, ".2f") + "x")
+        console.print(ratio)
+    for name, m in result.max_n.items():
+        console.print(f"{name}: largest N run {m['fits']}, OOM at {m['oom_at'] or '-'}")
+    for note in result.notes:
+        console.print(f"note: {note}")
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this group's commands to the top-level app and the `bench` group."""
+    app.add_typer(expert_app, name="expert")
+    app.command("generate")(generate_cmd)
+    bench.command("decode")(bench_decode_cmd)
