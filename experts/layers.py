@@ -159,7 +159,7 @@ class ConcatKV:
         self, k: torch.Tensor, v: torch.Tensor, offset: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k is None or offset == 0:
-            self.k, self.v = k, v
+            self.k, self.v = k.contiguous(), v.contiguous()
         else:
             self.k = torch.cat([self.k, k], dim=-2)
             self.v = torch.cat([self.v, v], dim=-2)
@@ -203,7 +203,9 @@ class Layer(nn.Module):
     def kv_of(self, h: torch.Tensor, rope: Rope) -> KV:
         d = h.shape[-1]
         k, v = F.linear(h, self.qkv.weight[d:]).split(d, dim=-1)  # [B, T, D] each
-        return apply_rope(split_heads(k, self.n_head), *rope), split_heads(v, self.n_head)
+        # contiguous V: a view would keep the whole [B, T, 2D] projection alive in a cache
+        v = split_heads(v, self.n_head).contiguous()  # [B, H, T, hd]
+        return apply_rope(split_heads(k, self.n_head), *rope), v
 
     def finish(self, x: torch.Tensor, attn_heads: torch.Tensor) -> torch.Tensor:
         """Residual add of the projected attention, then the FFN sub-layer."""
