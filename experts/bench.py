@@ -275,27 +275,43 @@ def decode_bench(
         torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gb * 2**30 / total), dev)
         result.notes.append(f"memory budget {max_memory_gb} GiB")
     budget = None if time_budget_s is None else time_budget_s / len(models)
-    for name in models:
-        arch, kind = BENCH_MODELS[name]
-        torch.manual_seed(seed)
-        model = build_model(arch, preset).to(dev, DTYPES[dtype]).eval()
-        result.params[name] = sum(p.numel() for p in model.parameters())
-        _measure(model, kind, ns[0], 2, dev)  # warm-up: allocator, kernels
-        points, note = _sweep(name, model, ns, steps, dev, budget, on_point)
-        result.points.extend(points)
-        if note:
-            result.notes.append(note)
-        ok = [p.n for p in points if p.error is None]
-        oom = next((p.n for p in points if p.error == "oom"), None)
-        if oom is not None and ok and refine > 0:
-            lo, hi = _refine_max_n(name, model, kind, arch, ok[-1], oom, refine, w_og, dev)
-            ok.append(lo)
-            oom = hi
-        result.max_n[name] = {"fits": max(ok) if ok else None, "oom_at": oom}
-        del model
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    try:
+        for name in models:
+            _bench_model(result, name, preset, ns, steps, dev, DTYPES[dtype], budget, refine,
+                         seed, w_og, on_point)
+    finally:
+        if dev.type == "cuda" and max_memory_gb is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, dev)
     return result
+
+
+def _bench_model(
+    result: BenchResult, name: str, preset: str, ns: list[int], steps: int,
+    dev: torch.device, dtype: torch.dtype, budget: float | None, refine: int, seed: int,
+    w_og: int, on_point: Callable[[BenchPoint], None] | None,
+) -> None:
+    """Sweep one model over ``ns`` and record its points and largest N in ``result``."""
+    arch, kind = BENCH_MODELS[name]
+    torch.manual_seed(seed)
+    model = build_model(arch, preset).to(dev, dtype).eval()
+    result.params[name] = sum(p.numel() for p in model.parameters())
+    t0 = time.perf_counter()
+    _measure(model, kind, ns[0], 2, dev)  # warm-up: allocator, kernels
+    points, note = _sweep(name, model, ns, steps, dev, budget, on_point)
+    in_budget = budget is None or time.perf_counter() - t0 < budget
+    result.points.extend(points)
+    if note:
+        result.notes.append(note)
+    ok = [p.n for p in points if p.error is None]
+    oom = next((p.n for p in points if p.error == "oom"), None)
+    if oom is not None and ok and refine > 0 and in_budget:
+        lo, hi = _refine_max_n(name, model, kind, arch, ok[-1], oom, refine, w_og, dev)
+        ok.append(lo)
+        oom = hi
+    result.max_n[name] = {"fits": max(ok) if ok else None, "oom_at": oom}
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _device_name(dev: torch.device) -> str:

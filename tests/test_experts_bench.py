@@ -103,3 +103,17 @@ def test_cli_errors_are_one_line(tmp_path):
     res = CliRunner().invoke(app, ["generate", str(tmp_path / "missing"), "--prompt", "x"])
     assert res.exit_code == 2
     assert "Traceback" not in res.output
+
+
+@pytest.mark.gpu
+def test_decode_bench_on_cuda_finds_max_n_under_a_budget():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    result = decode_bench("small", models=["tlinformer", "transformer-static"],
+                          ns=[2**k for k in range(10, 24)], device="cuda", steps=4,
+                          max_memory_gb=2.0, time_budget_s=120)
+    for name in ("tlinformer", "transformer-static"):
+        assert result.max_n[name]["fits"] is not None
+        pts = [p for p in result.points if p.model == name and p.error is None]
+        assert all(p.peak_bytes <= 2 * 2**30 for p in pts)
+    assert result.max_n["tlinformer"]["fits"] > result.max_n["transformer-static"]["fits"]

@@ -258,3 +258,20 @@ def test_sampling_is_seeded():
     a = generate(model, prompt, 12, temperature=1.0, top_k=20, seed=7)
     b = generate(model, prompt, 12, temperature=1.0, top_k=20, seed=7)
     assert torch.equal(a, b) and a.shape == (1, 15)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("cls", "cfg_cls"), MODELS, ids=IDS)
+def test_cuda_bf16_cached_logits_match_forward(cls, cfg_cls):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    model = cls(cfg_cls.from_name("small")).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 8192, (2, 600), device="cuda")
+    with torch.no_grad():
+        full = model(ids).float()
+        cache = model.new_cache(2, 600)
+        got = [model.prefill(ids[:, :300], cache)]
+        got += [model.step(ids[:, t], cache) for t in range(300, 600)]
+    stepped = torch.stack(got, dim=1).float()
+    torch.testing.assert_close(stepped, full[:, 299:], rtol=0.05, atol=0.1)
