@@ -376,7 +376,7 @@ def plot_decode(result: BenchResult, path: str | Path) -> Path:
         a.set_xlabel("context N (tokens)")
         a.set_ylabel(unit)
         a.set_xscale("log", base=2)
-        if unit in ("ms", "MiB", "FLOPs"):
+        if unit in ("ms", "MiB", "FLOPs") or title.startswith("(c)"):
             a.set_yscale("log")
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
