@@ -1,0 +1,297 @@
+"""The Transformer autoencoder of "Compression is Routing" (seed 001): 512 tokens -> 8 latents.
+
+Paper: Z. Tang, "Compression is Routing: Reconstruction Error as an Intrinsic Signal for
+Modular Language Models". An 87M-parameter autoencoder compresses a 512-token chunk into 8
+latent vectors; how well it reconstructs a chunk (TRA, token reconstruction accuracy, or the
+cross-entropy of the reconstruction) tells whether the chunk is from its training domain.
+
+- Encoder: ``n_latents`` learned latent queries are prepended to the token embeddings (the
+  tokens get learned absolute positions); bidirectional pre-LN layers with a key padding
+  mask; the outputs at the query positions, after a final LayerNorm, are the latents
+  ``z [B, L, D]``.
+- Decoder: input ``[z ; m]`` where ``m`` is ``seq_len`` learned, content-free position
+  queries; bidirectional pre-LN layers; LayerNorm; LM head tied to the token embedding.
+  The decoder never sees the input tokens: everything it knows about them is in ``z``.
+
+Choices where the paper is silent (ours): GELU MLP, no biases in linear layers, LayerNorm
+everywhere, the decoder always runs all ``seq_len`` position queries (so a short chunk is
+decoded exactly like a padded full-length one and its tail is ignored), and the ``paper``
+preset uses its own 32768-token BPE vocabulary (the paper used GPT-2's 50257): with
+d_model 512 and 11 + 11 layers that gives 86.5M parameters, inside the paper's 87M +- 2M.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cir.checkpoint import config_from_dict, config_to_dict
+
+
+@dataclass
+class CompressorConfig:
+    vocab_size: int
+    seq_len: int = 512
+    n_latents: int = 8
+    d_model: int = 512
+    n_heads: int = 8
+    n_enc_layers: int = 11
+    n_dec_layers: int = 11
+    d_ff: int = 2048
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+
+    presets: ClassVar[dict[str, dict[str, Any]]]
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.vocab_size > 2, f"vocab_size must be > 2 (PAD and EOS), got {self.vocab_size}"),
+            (self.seq_len > 0, f"seq_len must be > 0, got {self.seq_len}"),
+            (self.n_latents > 0, f"n_latents must be > 0, got {self.n_latents}"),
+            (self.n_heads > 0, f"n_heads must be > 0, got {self.n_heads}"),
+            (
+                self.d_model > 0 and self.d_model % max(self.n_heads, 1) == 0,
+                f"d_model ({self.d_model}) must be a positive multiple of n_heads "
+                f"({self.n_heads}); change one of them",
+            ),
+            (
+                self.n_enc_layers > 0 and self.n_dec_layers > 0,
+                "n_enc_layers and n_dec_layers must be > 0",
+            ),
+            (self.d_ff > 0, f"d_ff must be > 0, got {self.d_ff}"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"CompressorConfig: {msg}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> CompressorConfig:
+        """A preset by name, with field overrides (e.g. ``vocab_size`` from a tokenizer)."""
+        if name not in cls.presets:
+            raise ValueError(
+                f"unknown compressor preset {name!r}; valid: {', '.join(cls.presets)}"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(
+                f"CompressorConfig has no fields {unknown}; valid: {', '.join(sorted(fields))}"
+            )
+        return cls(**{**cls.presets[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressorConfig:
+        """Strict: unknown or missing fields are an error naming them."""
+        return config_from_dict(cls, data)
+
+
+CompressorConfig.presets = {
+    # tests: a forward pass in milliseconds on CPU
+    "debug": dict(vocab_size=512, seq_len=32, n_latents=4, d_model=32, n_heads=2,
+                  n_enc_layers=1, n_dec_layers=1, d_ff=64),
+    # a useful router trained in minutes on a couple of CPU cores
+    "small": dict(vocab_size=8192, seq_len=512, n_latents=8, d_model=128, n_heads=4,
+                  n_enc_layers=2, n_dec_layers=2, d_ff=512),
+    "base": dict(vocab_size=32768, seq_len=512, n_latents=8, d_model=384, n_heads=6,
+                 n_enc_layers=6, n_dec_layers=6, d_ff=1536),
+    # the seed's 87M, 512 -> 8 (86.5M with a 32768-token vocabulary)
+    "paper": dict(vocab_size=32768, seq_len=512, n_latents=8, d_model=512, n_heads=8,
+                  n_enc_layers=11, n_dec_layers=11, d_ff=2048),
+}
+
+
+@dataclass
+class ChunkScores:
+    """Per-chunk reconstruction scores; every field is ``[B]`` (latents ``[B, L, D]``).
+
+    ``loss`` is the mean cross-entropy over the chunk's real tokens (NaN for a chunk
+    without any), ``tra`` the share of real tokens reconstructed exactly (argmax)."""
+
+    loss: torch.Tensor
+    tra: torch.Tensor
+    n_tokens: torch.Tensor
+    n_correct: torch.Tensor
+    latents: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(parts: list[ChunkScores]) -> ChunkScores:
+        latents = [p.latents for p in parts]
+        return ChunkScores(
+            loss=torch.cat([p.loss for p in parts]),
+            tra=torch.cat([p.tra for p in parts]),
+            n_tokens=torch.cat([p.n_tokens for p in parts]),
+            n_correct=torch.cat([p.n_correct for p in parts]),
+            latents=None if any(x is None for x in latents) else torch.cat(latents),
+        )
+
+
+class Block(nn.Module):
+    """Pre-LN bidirectional Transformer layer: attention (optional key mask) + GELU MLP."""
+
+    def __init__(self, cfg: CompressorConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.fc1 = nn.Linear(d, cfg.d_ff, bias=False)
+        self.fc2 = nn.Linear(cfg.d_ff, d, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, Dh]
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, S, D)))  # [B, S, D]
+        return x + self.drop(self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+
+
+class Compressor(nn.Module):
+    """Transformer autoencoder: ``encode(ids, mask) -> z``, ``decode(z) -> logits``."""
+
+    kind = "compressor"
+    config_class = CompressorConfig
+
+    def __init__(self, config: CompressorConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.enc_pos = nn.Parameter(torch.zeros(cfg.seq_len, d))
+        self.latent_queries = nn.Parameter(torch.zeros(cfg.n_latents, d))
+        self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_enc_layers))
+        self.enc_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.pos_queries = nn.Parameter(torch.zeros(cfg.seq_len, d))
+        self.decoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_dec_layers))
+        self.dec_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style: N(0, 0.02), residual output projections scaled by depth."""
+        n_layers = self.config.n_enc_layers + self.config.n_dec_layers
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # LayerNorm weights/biases keep their defaults
+            std = 0.02
+            if name.endswith(("proj.weight", "fc2.weight")):
+                std = 0.02 / math.sqrt(2 * n_layers)
+            nn.init.normal_(p, mean=0.0, std=std)
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``ids, mask [B, T]`` (T <= seq_len) -> latents ``z [B, L, D]``."""
+        B, T = ids.shape
+        L = self.config.n_latents
+        if T > self.config.seq_len:
+            raise ValueError(f"chunk length {T} exceeds the compressor's seq_len "
+                             f"{self.config.seq_len}")
+        tok = self.tok_emb(ids) + self.enc_pos[:T]  # [B, T, D]
+        x = torch.cat([self.latent_queries.expand(B, L, -1), tok], dim=1)  # [B, L+T, D]
+        x = self.drop(x)
+        key_mask = torch.cat([mask.new_ones(B, L), mask.bool()], dim=1)  # [B, L+T]
+        for block in self.encoder:
+            x = block(x, key_mask)
+        return self.enc_norm(x[:, :L])  # [B, L, D]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents ``z [B, L, D]`` -> logits ``[B, seq_len, V]``; sees nothing but z."""
+        B, L, _ = z.shape
+        m = self.pos_queries.expand(B, -1, -1)  # [B, S, D]
+        x = self.drop(torch.cat([z, m], dim=1))  # [B, L+S, D]
+        for block in self.decoder:
+            x = block(x)
+        h = self.dec_norm(x[:, L:])  # [B, S, D]
+        return h @ self.tok_emb.weight.T  # [B, S, V], tied head
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reconstruction logits ``[B, T, V]`` for ``ids, mask [B, T]``."""
+        return self.decode(self.encode(ids, mask))[:, : ids.shape[1]]
+
+    def default_score_batch(self) -> int:
+        """Chunks per scoring pass so that one pass's logits stay near 512 MiB (fp32)."""
+        per_chunk = self.config.seq_len * self.config.vocab_size
+        return max(1, min(256, (1 << 27) // per_chunk))
+
+    @torch.inference_mode()
+    def score(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        batch_size: int | None = None,
+        return_latents: bool = False,
+    ) -> ChunkScores:
+        """Per-chunk reconstruction loss and TRA for ``ids, mask [B, T]``, batched."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        bs = batch_size or self.default_score_batch()
+        parts = []
+        for start in range(0, ids.shape[0], bs):
+            sl = slice(start, start + bs)
+            parts.append(self._score_batch(ids[sl].to(device), mask[sl].to(device),
+                                           return_latents))
+        self.train(was_training)
+        if not parts:
+            empty = torch.zeros(0)
+            return ChunkScores(empty, empty, empty.long(), empty.long(), None)
+        return ChunkScores.cat(parts)
+
+    def _score_batch(self, ids: torch.Tensor, mask: torch.Tensor, latents: bool) -> ChunkScores:
+        mask = mask.bool()
+        z = self.encode(ids, mask)  # [B, L, D]
+        logits = self.decode(z)[:, : ids.shape[1]].float()  # [B, T, V]
+        ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")  # [B, T]
+        correct = (logits.argmax(-1) == ids) & mask  # [B, T]
+        n_tokens = mask.sum(1)  # [B]
+        n_correct = correct.sum(1)  # [B]
+        denom = n_tokens.float()  # 0 for an empty chunk -> NaN scores on purpose
+        return ChunkScores(
+            loss=(ce * mask).sum(1).cpu() / denom.cpu(),
+            tra=n_correct.float().cpu() / denom.cpu(),
+            n_tokens=n_tokens.cpu(),
+            n_correct=n_correct.cpu(),
+            latents=z.float().cpu() if latents else None,
+        )
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per input token (6N for the matmuls, attention and the head)."""
+        c = self.config
+        d, S = c.d_model, c.seq_len + c.n_latents
+        per_layer = 4 * d * d + 2 * d * c.d_ff
+        layers = (c.n_enc_layers + c.n_dec_layers) * per_layer
+        attn = (c.n_enc_layers + c.n_dec_layers) * 2 * S * d  # QK^T and AV per position
+        head = d * c.vocab_size
+        return 6.0 * (layers + attn + head) * S / c.seq_len
+
+
+def loss_fn(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Reconstruction cross-entropy over real tokens (for ``cir.train.train``), plus TRA."""
+    mask = mask.bool()
+    logits = model(ids, mask).float()  # [B, T, V]
+    target = ids.masked_fill(~mask, -100)  # [B, T]
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+    with torch.no_grad():
+        tra = (logits.argmax(-1) == ids)[mask].float().mean()
+    return loss, {"tra": tra}
