@@ -117,3 +117,18 @@ def test_decode_bench_on_cuda_finds_max_n_under_a_budget():
         pts = [p for p in result.points if p.model == name and p.error is None]
         assert all(p.peak_bytes <= 2 * 2**30 for p in pts)
     assert result.max_n["tlinformer"]["fits"] > result.max_n["transformer-static"]["fits"]
+
+
+def test_cli_expert_train_on_tiny_dataset(request, tmp_path):
+    try:
+        dataset = request.getfixturevalue("tiny_dataset")
+    except pytest.FixtureLookupError:
+        pytest.skip("the tiny_dataset fixture is not available")
+    out = tmp_path / "tlin"
+    res = CliRunner().invoke(app, ["expert", "train", "--data", str(dataset), "--out", str(out),
+                                   "--preset", "debug", "--steps", "6", "--batch-size", "4",
+                                   "--warmup-steps", "2", "--eval-every", "6", "--ckpt-every",
+                                   "6", "--device", "cpu", "--set", "seq_len=64", "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    assert payload["step"] == 6 and (out / "model.safetensors").is_file()
