@@ -1,0 +1,173 @@
+"""Compressor model: shapes, padding, decoder blindness, checkpoints, presets, scoring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cir.compressor.model import Compressor, CompressorConfig, loss_fn
+
+from cir.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def _model(seed: int = 0, **overrides) -> Compressor:
+    torch.manual_seed(seed)
+    return Compressor(CompressorConfig.from_name("debug", **overrides)).eval()
+
+
+def _batch(cfg: CompressorConfig, B: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, cfg.vocab_size, (B, cfg.seq_len), generator=g)
+    lengths = torch.tensor([cfg.seq_len, cfg.seq_len // 2, 5])[:B]
+    mask = torch.arange(cfg.seq_len)[None, :] < lengths[:, None]  # padding at the tail
+    return ids.masked_fill(~mask, 0), mask
+
+
+def test_shapes():
+    m = _model()
+    c = m.config
+    ids, mask = _batch(c)
+    z = m.encode(ids, mask)
+    assert z.shape == (3, c.n_latents, c.d_model)
+    assert m.decode(z).shape == (3, c.seq_len, c.vocab_size)
+    assert m(ids, mask).shape == (3, c.seq_len, c.vocab_size)
+    short = m(ids[:, :10], mask[:, :10])
+    assert short.shape == (3, 10, c.vocab_size)
+    s = m.score(ids, mask, return_latents=True)
+    assert s.loss.shape == s.tra.shape == s.n_tokens.shape == s.n_correct.shape == (3,)
+    assert s.latents.shape == z.shape
+    assert s.n_tokens.tolist() == mask.sum(1).tolist()
+
+
+def test_too_long_chunk_is_an_error():
+    m = _model()
+    ids = torch.ones(1, m.config.seq_len + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="seq_len"):
+        m.encode(ids, torch.ones_like(ids, dtype=torch.bool))
+
+
+def test_padding_is_masked():
+    m = _model()
+    ids, mask = _batch(m.config)
+    other = ids.clone()
+    other[~mask] = torch.randint(2, m.config.vocab_size, (int((~mask).sum()),))
+    a, b = m.score(ids, mask, return_latents=True), m.score(other, mask, return_latents=True)
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=1e-6)
+    assert torch.equal(a.tra, b.tra) and torch.equal(a.n_correct, b.n_correct)
+    la, _ = loss_fn(m, ids, mask)
+    lb, _ = loss_fn(m, other, mask)
+    torch.testing.assert_close(la, lb, rtol=0, atol=1e-6)
+
+
+def test_short_chunk_equals_padded_chunk():
+    m = _model()
+    ids, mask = _batch(m.config)
+    T = 16
+    full = m.score(ids[1:2], mask[1:2], return_latents=True)  # 16 real tokens, padded
+    cut = m.score(ids[1:2, :T], mask[1:2, :T], return_latents=True)
+    torch.testing.assert_close(full.latents, cut.latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(full.loss, cut.loss, rtol=0, atol=1e-5)
+
+
+def test_decoder_is_blind_to_input_tokens():
+    m = _model()
+    ids, mask = _batch(m.config)
+    z = m.encode(ids, mask)
+    ref = m.decode(z)
+    calls = []
+    hook = m.tok_emb.register_forward_hook(lambda *args: calls.append(1))
+    m.decode(z)
+    hook.remove()
+    assert not calls  # token ids enter only through the embedding lookup, never in decode
+    other_ids = torch.randint(2, m.config.vocab_size, ids.shape)
+    _ = m.encode(other_ids, mask)  # encoding something else leaves no state behind
+    torch.testing.assert_close(m.decode(z), ref, rtol=0, atol=0)
+    assert not torch.allclose(m.encode(other_ids, mask), z)
+
+
+def test_score_matches_naive_reference():
+    m = _model()
+    ids, mask = _batch(m.config)
+    s = m.score(ids, mask, batch_size=2)  # batched in two passes
+    with torch.no_grad():
+        logits = m(ids, mask)
+    for b in range(ids.shape[0]):
+        real = mask[b]
+        ce = F.cross_entropy(logits[b][real], ids[b][real])
+        acc = (logits[b][real].argmax(-1) == ids[b][real]).float().mean()
+        torch.testing.assert_close(s.loss[b], ce, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.tra[b], acc)
+
+
+def test_empty_chunk_scores_nan():
+    m = _model()
+    ids = torch.zeros(1, m.config.seq_len, dtype=torch.long)
+    s = m.score(ids, torch.zeros_like(ids, dtype=torch.bool))
+    assert s.n_tokens.item() == 0 and torch.isnan(s.loss).all() and torch.isnan(s.tra).all()
+
+
+def test_loss_fn_matches_score():
+    m = _model()
+    ids, mask = _batch(m.config)
+    loss, metrics = loss_fn(m, ids, mask)
+    s = m.score(ids, mask)
+    pooled = (s.loss * s.n_tokens).sum() / s.n_tokens.sum()
+    torch.testing.assert_close(loss, pooled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(metrics["tra"], s.n_correct.sum() / s.n_tokens.sum())
+
+
+def test_save_load_identical(tmp_path):
+    m = _model()
+    ids, mask = _batch(m.config)
+    save_checkpoint(tmp_path / "ck", m)
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert isinstance(loaded, Compressor) and loaded.config == m.config
+    a, b = m.score(ids, mask, return_latents=True), loaded.score(ids, mask, return_latents=True)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.loss, b.loss)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["kind"] == "compressor"
+    cfg["config"]["bogus"] = 1
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="bogus"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_paper_parameter_count_on_meta():
+    with torch.device("meta"):
+        m = Compressor(CompressorConfig.from_name("paper"))
+    assert all(p.is_meta for p in m.parameters())
+    n = m.num_params()
+    assert abs(n - 87e6) <= 2e6, n
+    assert m.config.d_model == 512 and m.config.seq_len == 512 and m.config.n_latents == 8
+
+
+def test_presets_and_validation():
+    with pytest.raises(ValueError, match="valid: debug, small, base, paper"):
+        CompressorConfig.from_name("huge")
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        CompressorConfig.from_name("debug", d_model=33)
+    with pytest.raises(ValueError, match="vocab_size"):
+        CompressorConfig.from_name("debug", vocab_size=2)
+    with pytest.raises(ValueError, match="dropout"):
+        CompressorConfig.from_name("debug", dropout=1.0)
+    with pytest.raises(ValueError, match="no fields"):
+        CompressorConfig.from_name("debug", n_layers=3)
+    c = CompressorConfig.from_name("small", vocab_size=1000)
+    assert CompressorConfig.from_dict(c.to_dict()) == c
+    d = c.to_dict()
+    del d["d_ff"]
+    with pytest.raises(ValueError, match="missing fields"):
+        CompressorConfig.from_dict(d)
+    with pytest.raises(ValueError, match="unknown fields"):
+        CompressorConfig.from_dict({**c.to_dict(), "extra": 1})
+
+
+def test_dropout_only_in_training():
+    m = _model(dropout=0.5)
+    ids, mask = _batch(m.config)
+    a, b = m.score(ids, mask), m.score(ids, mask)
+    assert torch.equal(a.loss, b.loss)
+    assert not m.training
