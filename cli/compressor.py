@@ -1,9 +1,189 @@
-"""`route-cli` commands of the compressor group."""
+"""`route-cli` commands of the compressor group: `compressor train | eval`, `bench compressor`."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
+from cir.cli.common import console, fail, handle_errors, print_json, progress
+from rich.table import Table
+
+compressor_app = typer.Typer(
+    help="The Transformer autoencoder (512 tokens -> 8 latents) that scores domains.",
+    no_args_is_help=True,
+)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` model config overrides; values parsed as JSON when they can be."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            fail(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _train_info(rec: dict[str, Any]) -> str:
+    return (f"loss {rec['loss']:.3f}  TRA {100 * rec.get('tra', 0.0):.1f}%  "
+            f"{rec.get('tokens_per_s', 0.0):,.0f} tok/s")
+
+
+@compressor_app.command("train")
+@handle_errors
+def train_cmd(
+    data: str = typer.Option(..., "--data", help="Dataset name or directory (route-cli data build)."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory (re-run to resume)."),
+    preset: str = typer.Option("small", help="debug | small | base | paper"),
+    steps: int | None = typer.Option(None, help="Optimizer steps (default: the preset's)."),
+    batch_size: int | None = typer.Option(None, help="Chunks per step (default: the preset's)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default: the preset's)."),
+    seed: int = typer.Option(0, help="Seed of the initialisation and the batch order."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    set_: list[str] = typer.Option([], "--set", help="Model config override key=value."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train a compressor on a chunk dataset; re-running the same command resumes.
+
+    Example: route-cli compressor train --data python-code --out runs/cmp --preset small
+    """
+    from cir.compressor.train import default_train_config, train_compressor
+
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr}
+    cfg = default_train_config(preset, seed=seed, compile=compile_, device=device,
+                               **{k: v for k, v in given.items() if v is not None})
+    with progress(disable=as_json) as bar:
+        task = bar.add_task(f"train compressor ({preset})", total=cfg.steps, info="")
+
+        def on_log(rec: dict[str, Any]) -> None:
+            if rec.get("event") == "train":
+                bar.update(task, completed=rec["step"], info=_train_info(rec))
+
+        result = train_compressor(data, out, preset=preset, train_cfg=cfg,
+                                  overrides=_overrides(set_), on_log=on_log)
+    payload = {"out_dir": str(result.out_dir), "step": result.step,
+               "resumed_from": result.resumed_from, "last": result.last,
+               "last_eval": result.last_eval, "wall_s": result.wall_s}
+    if as_json:
+        print_json(payload)
+        return
+    table = Table(title=f"compressor ({preset}) -> {result.out_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in {**result.last, **result.last_eval}.items():
+        table.add_row(key, f"{value:.4g}")
+    table.add_row("steps", f"{result.step} (resumed from {result.resumed_from})")
+    table.add_row("wall time", f"{result.wall_s:.1f} s")
+    console.print(table)
+
+
+def _open_eval_data(name: str, split: str, model: Any) -> Any:
+    from cir.compressor.train import open_split
+
+    if name == "random":
+        from cir.data.shards import open_dataset
+
+        return open_dataset("random", split, vocab_size=model.config.vocab_size,
+                            seq_len=model.config.seq_len)
+    return open_split(name, split)
+
+
+@compressor_app.command("eval")
+@handle_errors
+def eval_cmd(
+    ckpt: Path = typer.Argument(..., help="Compressor checkpoint directory."),
+    data: list[str] = typer.Option(..., "--data", help="Dataset name or directory; repeat. "
+                                   "The first is in-domain; `random` is uniform tokens."),
+    split: str = typer.Option("test", help="Split of every dataset: train | val | test."),
+    max_chunks: int | None = typer.Option(None, help="Chunks per dataset (evenly spread)."),
+    batch_size: int | None = typer.Option(None, help="Chunks per scoring pass."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Reconstruction accuracy (TRA) per dataset and AUROC vs the first (in-domain) one.
+
+    Example: route-cli compressor eval runs/cmp --data python-code --data python-docs
+    --data random --max-chunks 200
+    """
+    from cir.compressor.evaluate import auroc_table, evaluate, rows_to_markdown
+
+    from cir.checkpoint import load_checkpoint
+
+    model = load_checkpoint(ckpt, device=device)
+    if getattr(model, "kind", None) != "compressor":
+        fail(f"{ckpt}: a {getattr(model, 'kind', '?')} checkpoint, not a compressor")
+    datasets = {name: _open_eval_data(name, split, model) for name in data}
+    total = sum(min(len(d), max_chunks or len(d)) for d in datasets.values())
+    with progress(disable=as_json or markdown) as bar:
+        task = bar.add_task("score", total=total, info="")
+        rows = evaluate(model, datasets, batch_size=batch_size, max_chunks=max_chunks,
+                        on_batch=lambda name, n: bar.update(task, advance=n, info=name))
+    aurocs = auroc_table(rows) if len(rows) > 1 else {}
+    if as_json:
+        print_json({"checkpoint": str(ckpt), "split": split,
+                    "rows": [r.to_dict() for r in rows], "auroc_vs_first": aurocs})
+    elif markdown:
+        print(rows_to_markdown(rows, aurocs))
+    else:
+        _print_rows(rows, aurocs)
+
+
+def _print_rows(rows: list[Any], aurocs: dict[str, float]) -> None:
+    table = Table(title=f"reconstruction (in-domain: {rows[0].name})")
+    for col in ("dataset", "chunks", "tokens", "TRA", "TRA/chunk", "CE", "AUROC vs ID"):
+        table.add_column(col, justify="left" if col == "dataset" else "right")
+    for r in rows:
+        table.add_row(r.name, str(r.chunks), f"{r.tokens:,}", f"{100 * r.tra:.2f}%",
+                      f"{100 * r.tra_chunk_mean:.2f}%", f"{r.loss:.3f}",
+                      f"{aurocs[r.name]:.4f}" if r.name in aurocs else "-")
+    console.print(table)
+
+
+@handle_errors
+def bench_cmd(
+    preset: list[str] = typer.Option(["small"], "--preset", help="Preset(s) to measure."),
+    batch_size: int = typer.Option(8, help="Chunks per scoring pass."),
+    repeats: int = typer.Option(3, help="Timed repeats (the median is reported)."),
+    warmup: int = typer.Option(1, help="Untimed passes first."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Scoring throughput (tokens/s) of compressor presets on this machine.
+
+    Weights are random: throughput does not depend on their values.
+    Example: route-cli bench compressor --preset small --preset paper --batch-size 8
+    """
+    from cir.compressor.bench import bench_scoring
+
+    results = []
+    with progress(disable=as_json) as bar:
+        task = bar.add_task("bench", total=len(preset), info="")
+        for name in preset:
+            bar.update(task, info=name)
+            results.append(bench_scoring(name, batch_size=batch_size, repeats=repeats,
+                                         warmup=warmup, device=device))
+            bar.advance(task)
+    if as_json:
+        print_json([r.to_dict() for r in results])
+        return
+    table = Table(title="compressor scoring throughput (random weights)")
+    for col in ("preset", "params", "device", "threads", "batch", "median s/batch", "tokens/s"):
+        table.add_column(col, justify="left" if col in ("preset", "device") else "right")
+    for r in results:
+        table.add_row(r.preset, f"{r.params / 1e6:.1f}M", r.device, str(r.threads),
+                      f"{r.batch_size}x{r.seq_len}", f"{r.median_s:.3f}", f"{r.tokens_per_s:,.0f}")
+    console.print(table)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this group's commands to the top-level app and the `bench` group."""
+    app.add_typer(compressor_app, name="compressor")
+    bench.command("compressor")(bench_cmd)

@@ -1,0 +1,162 @@
+"""Evaluate a compressor on several datasets: the ID / semi-OOD / full-OOD TRA table and
+the AUROC of telling two datasets apart by reconstruction loss (the routing signal).
+
+TRA is reported twice: pooled over tokens (what the paper's table reports) and averaged
+per chunk (what a router sees). The AUROC uses each chunk's mean cross-entropy as the
+out-of-domain score (``sklearn.metrics.roc_auc_score``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from cir.compressor.model import ChunkScores, Compressor
+
+from cir.checkpoint import load_checkpoint
+
+
+@dataclass
+class EvalRow:
+    """One dataset's reconstruction figures; ``chunk_loss``/``chunk_tra`` are per chunk."""
+
+    name: str
+    chunks: int
+    tokens: int
+    tra: float  # pooled over tokens
+    tra_chunk_mean: float
+    loss: float  # mean cross-entropy per token
+    chunk_loss: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    chunk_tra: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+    def to_dict(self, per_chunk: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name, "chunks": self.chunks, "tokens": self.tokens, "tra": self.tra,
+            "tra_chunk_mean": self.tra_chunk_mean, "loss": self.loss,
+        }
+        if per_chunk:
+            out["chunk_loss"] = self.chunk_loss.tolist()
+            out["chunk_tra"] = self.chunk_tra.tolist()
+        return out
+
+
+def _as_model(checkpoint_or_model: str | Path | Compressor, device: str) -> Compressor:
+    if isinstance(checkpoint_or_model, Compressor):
+        return checkpoint_or_model
+    model = load_checkpoint(checkpoint_or_model, device=device)
+    if not isinstance(model, Compressor):
+        raise ValueError(f"{checkpoint_or_model}: a {model.kind} checkpoint, not a compressor")
+    return model
+
+
+def pick_chunks(n: int, max_chunks: int | None) -> np.ndarray:
+    """Indices to evaluate: all, or ``max_chunks`` spread evenly over the dataset."""
+    if max_chunks is None or max_chunks >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max_chunks).round().astype(np.int64))
+
+
+def score_dataset(
+    model: Compressor,
+    data: Any,
+    batch_size: int | None = None,
+    max_chunks: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ChunkScores:
+    """Per-chunk scores of ``data`` (a ``ChunkDataset``); ``on_batch(n_chunks)`` after each."""
+    idx = pick_chunks(len(data), max_chunks)
+    bs = batch_size or model.default_score_batch()
+    parts = []
+    for start in range(0, len(idx), bs):
+        ids, mask = data.get_batch(idx[start : start + bs])
+        parts.append(model.score(ids, mask, batch_size=bs))
+        if on_batch is not None:
+            on_batch(len(ids))
+    if not parts:
+        raise ValueError("dataset has no chunks to evaluate")
+    return ChunkScores.cat(parts)
+
+
+def row_from_scores(name: str, s: ChunkScores) -> EvalRow:
+    keep = s.n_tokens > 0
+    tokens = int(s.n_tokens.sum())
+    loss_sum = float((s.loss[keep].double() * s.n_tokens[keep].double()).sum())
+    return EvalRow(
+        name=name,
+        chunks=int(keep.sum()),
+        tokens=tokens,
+        tra=float(s.n_correct.sum()) / max(tokens, 1),
+        tra_chunk_mean=float(s.tra[keep].double().mean()) if keep.any() else math.nan,
+        loss=loss_sum / max(tokens, 1),
+        chunk_loss=s.loss[keep].numpy(),
+        chunk_tra=s.tra[keep].numpy(),
+    )
+
+
+def evaluate(
+    checkpoint_or_model: str | Path | Compressor,
+    datasets: dict[str, Any],
+    batch_size: int | None = None,
+    max_chunks: int | None = None,
+    device: str = "cpu",
+    on_batch: Callable[[str, int], None] | None = None,
+) -> list[EvalRow]:
+    """One ``EvalRow`` per named dataset (same order), with per-chunk scores for AUROC."""
+    model = _as_model(checkpoint_or_model, device)
+    rows = []
+    for name, data in datasets.items():
+        cb = None if on_batch is None else (lambda n, _name=name: on_batch(_name, n))
+        rows.append(row_from_scores(name, score_dataset(model, data, batch_size, max_chunks, cb)))
+    return rows
+
+
+def auroc(in_domain: EvalRow, other: EvalRow) -> float:
+    """AUROC of separating ``other`` (positive) from ``in_domain`` by per-chunk loss."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = np.concatenate([in_domain.chunk_loss, other.chunk_loss])
+    labels = np.concatenate([np.zeros(len(in_domain.chunk_loss)), np.ones(len(other.chunk_loss))])
+    if len(in_domain.chunk_loss) == 0 or len(other.chunk_loss) == 0:
+        raise ValueError("AUROC needs chunks on both sides")
+    return float(roc_auc_score(labels, scores))
+
+
+def auroc_table(rows: list[EvalRow], in_domain: str | None = None) -> dict[str, float]:
+    """AUROC of every other row against the in-domain row (the first one by default)."""
+    ref = next((r for r in rows if r.name == in_domain), None) if in_domain else rows[0]
+    if ref is None:
+        raise ValueError(f"no dataset named {in_domain!r}; have {[r.name for r in rows]}")
+    return {r.name: auroc(ref, r) for r in rows if r is not ref}
+
+
+def rows_to_markdown(rows: list[EvalRow], aurocs: dict[str, float] | None = None) -> str:
+    """The TRA table as Markdown (AUROC vs the in-domain row when given)."""
+    head = "| dataset | chunks | tokens | TRA (tokens) | TRA (chunk mean) | CE loss |"
+    sep = "|---|---:|---:|---:|---:|---:|"
+    if aurocs is not None:
+        head, sep = head + " AUROC vs ID |", sep + "---:|"
+    lines = [head, sep]
+    for r in rows:
+        line = (f"| {r.name} | {r.chunks} | {r.tokens} | {100 * r.tra:.2f}% | "
+                f"{100 * r.tra_chunk_mean:.2f}% | {r.loss:.3f} |")
+        if aurocs is not None:
+            line += f" {aurocs[r.name]:.4f} |" if r.name in aurocs else " - |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def latents_of(model: Compressor, data: Any, max_chunks: int | None = None) -> torch.Tensor:
+    """Latents ``[N, L, D]`` of a dataset's chunks (for plots and nearest neighbours)."""
+    idx = pick_chunks(len(data), max_chunks)
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(idx), 64):
+            ids, mask = data.get_batch(idx[start : start + 64])
+            out.append(model.eval().encode(ids.to(device), mask.to(device)).float().cpu())
+    return torch.cat(out)  # [N, L, D]

@@ -1,0 +1,119 @@
+"""Train a compressor on a chunk dataset with the shared trainer (``cir.train.train``).
+
+The model's vocabulary and chunk length follow the dataset (its tokenizer), so a
+compressor's losses are comparable token for token with every other model of the same
+registry. Re-running the same call resumes from ``out_dir``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cir.compressor.model import Compressor, CompressorConfig, loss_fn
+
+from cir.train import TrainConfig, TrainResult, train
+
+# Per-preset training defaults: what the preset was sized for.
+_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "debug": dict(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=20,
+                  ckpt_every=20, log_every=5),
+    # about 10 minutes on two CPU cores
+    "small": dict(steps=600, batch_size=8, lr=2e-3, warmup_steps=30, eval_every=100,
+                  ckpt_every=100, log_every=10, weight_decay=0.0),
+    "base": dict(steps=20_000, batch_size=64, lr=6e-4, warmup_steps=500),
+    "paper": dict(steps=50_000, batch_size=64, lr=3e-4, warmup_steps=1000, eval_every=1000,
+                  ckpt_every=1000),
+}
+
+
+def default_train_config(preset: str, **overrides: Any) -> TrainConfig:
+    """The training settings a preset is meant to be trained with (plus overrides)."""
+    if preset not in _TRAIN_DEFAULTS:
+        raise ValueError(
+            f"unknown compressor preset {preset!r}; valid: {', '.join(_TRAIN_DEFAULTS)}"
+        )
+    return TrainConfig(**{**_TRAIN_DEFAULTS[preset], **overrides})
+
+
+def open_split(data: Any, split: str) -> Any:
+    """``data`` as a ``ChunkDataset``: opened by name or directory, or returned as is."""
+    if not isinstance(data, (str, Path)):
+        return data
+    from cir.data.shards import open_dataset
+
+    return open_dataset(str(data), split)
+
+
+def _val_split(data: Any) -> Any:
+    if not isinstance(data, (str, Path)):
+        return None
+    try:
+        ds = open_split(data, "val")
+    except (FileNotFoundError, ValueError):
+        return None
+    return ds if len(ds) > 0 else None
+
+
+def tokenizer_path(data: Any) -> Path | None:
+    """The ``tokenizer.json`` a dataset was built with, when it says where it is."""
+    for attr in ("tokenizer_path", "tokenizer_file"):
+        value = getattr(data, attr, None)
+        if isinstance(value, (str, Path)) and Path(value).is_file():
+            return Path(value)
+    for attr in ("root", "path", "directory"):
+        value = getattr(data, attr, None)
+        if isinstance(value, (str, Path)) and (Path(value) / "tokenizer.json").is_file():
+            return Path(value) / "tokenizer.json"
+    return None
+
+
+def build_compressor(preset: str, data: Any = None, **overrides: Any) -> Compressor:
+    """A fresh compressor of ``preset`` sized to ``data`` (vocab_size, seq_len)."""
+    fields: dict[str, Any] = {}
+    for name in ("vocab_size", "seq_len"):
+        value = getattr(data, name, None)
+        if isinstance(value, int):
+            fields[name] = value
+    fields.update(overrides)
+    return Compressor(CompressorConfig.from_name(preset, **fields))
+
+
+def train_compressor(
+    data: Any,
+    out_dir: str | Path,
+    *,
+    preset: str = "small",
+    tokenizer: str | Path | None = None,
+    train_cfg: TrainConfig | None = None,
+    overrides: dict[str, Any] | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    val_data: Any = None,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Train a ``preset`` compressor on ``data`` (dataset name, directory or opened
+    ``ChunkDataset``); validation on its ``val`` split when there is one. ``stop_at``
+    ends early after that step, checkpoint included (as a kill would)."""
+    train_data = open_split(data, "train")
+    cfg = train_cfg or default_train_config(preset)
+    torch_seed_model(cfg.seed)
+    model = build_compressor(preset, train_data, **(overrides or {}))
+    return train(
+        model,
+        loss_fn,
+        train_data,
+        out_dir,
+        cfg,
+        val_data=open_split(val_data, "val") if val_data is not None else _val_split(data),
+        tokenizer=tokenizer or tokenizer_path(train_data),
+        on_log=on_log,
+        stop_at=stop_at,
+    )
+
+
+def torch_seed_model(seed: int) -> None:
+    """Model initialisation is a function of the run's seed (so resuming rebuilds it)."""
+    import torch
+
+    torch.manual_seed(seed)
