@@ -1,0 +1,533 @@
+"""Routing baselines against reconstruction routing, on the same held-out chunks.
+
+Every router maps a chunk to per-domain scores ``[N, K]`` (higher = more likely that domain;
+the route is the argmax) and to an out-of-domain score ``[N]`` (higher = more likely OOD):
+
+- ``reconstruction`` (ours, Compression is Routing / Expert Gate): each domain's compressor
+  reconstructs the chunk; score = -loss; OOD score = the best (lowest) loss.
+- ``likelihood`` (DEMix / BTM): each expert LM's summed next-token NLL; the domain
+  posterior by Bayes' rule with a uniform prior is ``softmax(-nll_sum)``; OOD score = the
+  best per-token NLL.
+- ``gate-emb`` / ``gate-tfidf``: a trained gating classifier (logistic regression) on
+  mean-pooled token embeddings or on tf-idf of token ids; OOD score = 1 - max probability.
+- ``tfidf-kmeans`` (c-BTM): tf-idf + k-means, clusters mapped to domains by majority on the
+  training set; score = -distance to the domain's nearest centroid; OOD = nearest distance.
+- ``mahalanobis``: per-domain means and one shared (Ledoit-Wolf) covariance fitted on
+  training latents; score = -squared Mahalanobis distance; OOD = the smallest distance.
+- ``knn-latent``: faiss kNN over training latents; score = share of the k neighbours from
+  each domain; OOD = distance to the k-th neighbour.
+
+``ood_metrics`` gives AUROC (OOD chunks positive, as ``cir.compressor.evaluate.auroc``) and
+FPR@95%TPR: the share of OOD chunks still accepted when the threshold accepts 95% of the
+in-domain chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# What each method needs when a new domain is mounted (besides the new expert itself).
+ON_MOUNT: dict[str, str] = {
+    "reconstruction": "nothing retrained (add the new compressor)",
+    "likelihood": "nothing retrained (add the new expert LM)",
+    "gate-emb": "retrain the gate on all domains' data",
+    "gate-tfidf": "retrain the gate on all domains' data",
+    "tfidf-kmeans": "re-cluster all domains' data and remap clusters",
+    "mahalanobis": "add one mean; refit the shared covariance on all domains",
+    "knn-latent": "add the new domain's latents to the index",
+}
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def routing_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose argmax score is the true domain index."""
+    return float((np.asarray(scores).argmax(1) == np.asarray(labels)).mean())
+
+
+def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95) -> dict:
+    """AUROC (OOD positive) and FPR at ``tpr`` of in-domain chunks accepted."""
+    from sklearn.metrics import roc_auc_score
+
+    a = np.asarray(id_scores, dtype=np.float64)
+    b = np.asarray(ood_scores, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("OOD metrics need chunks on both sides")
+    labels = np.concatenate([np.zeros(len(a)), np.ones(len(b))])
+    auroc = float(roc_auc_score(labels, np.concatenate([a, b])))
+    # accept a chunk as in-domain when its OOD score is <= t; the smallest t accepting at
+    # least `tpr` of the in-domain chunks is their ceil(tpr * n)-th smallest score.
+    t = np.sort(a)[int(np.ceil(tpr * len(a))) - 1]
+    return {"auroc": auroc, "fpr95": float((b <= t).mean())}
+
+
+# ---------------------------------------------------------------- routers on features
+
+
+class Router:
+    """A fitted router: ``scores(x) [N, K]`` (argmax = route) and ``ood_score(x) [N]``."""
+
+    name = "router"
+
+    def fit(self, x: Any, y: np.ndarray) -> Router:
+        return self
+
+    def scores(self, x: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def ood_score(self, x: Any) -> np.ndarray:
+        raise NotImplementedError
+
+
+class LossRouter(Router):
+    """Per-expert losses ``[N, K]`` given (reconstruction CE or per-token NLL): no fitting."""
+
+    name = "reconstruction"
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return -np.asarray(x, dtype=np.float64)
+
+    def ood_score(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64).min(1)
+
+
+class LikelihoodRouter(Router):
+    """DEMix/BTM: ``x = (nll_sum [N, K], n_tokens [N, K])`` -> log posterior (uniform prior)."""
+
+    name = "likelihood"
+
+    def scores(self, x: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return domain_posterior(x[0], log=True)
+
+    def ood_score(self, x: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        nll, n = (np.asarray(a, dtype=np.float64) for a in x)
+        return (nll / np.maximum(n, 1)).min(1)
+
+
+def domain_posterior(nll_sum: np.ndarray, log: bool = False,
+                     prior: np.ndarray | None = None) -> np.ndarray:
+    """``p(domain | chunk)`` from summed NLLs ``[N, K]``: Bayes' rule, uniform prior default."""
+    logp = -np.asarray(nll_sum, dtype=np.float64)
+    if prior is not None:
+        logp = logp + np.log(np.asarray(prior, dtype=np.float64))
+    logp = logp - logp.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    return logp if log else np.exp(logp)
+
+
+class GateRouter(Router):
+    """A trained gating classifier: (tf-idf or scaling) + logistic regression."""
+
+    def __init__(self, tfidf: bool = False, seed: int = 0) -> None:
+        self.tfidf = tfidf
+        self.name = "gate-tfidf" if tfidf else "gate-emb"
+        self.seed = seed
+
+    def fit(self, x: Any, y: np.ndarray) -> GateRouter:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        first = _tfidf() if self.tfidf else StandardScaler()
+        self.model = make_pipeline(first, LogisticRegression(max_iter=2000,
+                                                             random_state=self.seed))
+        self.model.fit(x, y)
+        self.k = int(np.max(y)) + 1
+        return self
+
+    def _proba(self, x: Any) -> np.ndarray:
+        p = self.model.predict_proba(x)
+        out = np.zeros((p.shape[0], self.k))
+        out[:, self.model.classes_] = p  # a class absent from training keeps probability 0
+        return out
+
+    def scores(self, x: Any) -> np.ndarray:
+        return np.log(np.maximum(self._proba(x), 1e-300))
+
+    def ood_score(self, x: Any) -> np.ndarray:
+        return 1.0 - self._proba(x).max(1)
+
+
+def _tfidf() -> Any:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(token_pattern=r"\S+", lowercase=False, sublinear_tf=True)
+
+
+def ids_to_docs(ids: Any, mask: Any) -> list[str]:
+    """Token-id chunks ``[N, T]`` as whitespace-separated documents for tf-idf."""
+    ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
+    return [" ".join(map(str, row[m])) for row, m in zip(ids, mask, strict=True)]
+
+
+class TfidfKMeansRouter(Router):
+    """c-BTM: tf-idf + k-means; each cluster routes to its training majority domain."""
+
+    name = "tfidf-kmeans"
+
+    def __init__(self, n_clusters: int = 8, seed: int = 0) -> None:
+        self.n_clusters = n_clusters
+        self.seed = seed
+
+    def fit(self, x: Sequence[str], y: np.ndarray) -> TfidfKMeansRouter:
+        from sklearn.cluster import KMeans
+
+        y = np.asarray(y)
+        self.vec = _tfidf().fit(x)
+        feats = self.vec.transform(x)
+        c = min(self.n_clusters, feats.shape[0])
+        self.km = KMeans(n_clusters=c, n_init=4, random_state=self.seed).fit(feats)
+        self.k = int(y.max()) + 1
+        self.cluster_domain = np.array([
+            np.bincount(y[self.km.labels_ == j], minlength=self.k).argmax()
+            if (self.km.labels_ == j).any() else 0 for j in range(c)])
+        return self
+
+    def _dist(self, x: Sequence[str]) -> np.ndarray:
+        return self.km.transform(self.vec.transform(x))  # [N, C]
+
+    def scores(self, x: Sequence[str]) -> np.ndarray:
+        d = self._dist(x)
+        out = np.full((d.shape[0], self.k), -np.inf)
+        for j, dom in enumerate(self.cluster_domain):
+            out[:, dom] = np.maximum(out[:, dom], -d[:, j])
+        return out
+
+    def ood_score(self, x: Sequence[str]) -> np.ndarray:
+        return self._dist(x).min(1)
+
+
+class MahalanobisRouter(Router):
+    """Per-domain means + one shared Ledoit-Wolf covariance of the within-domain residuals."""
+
+    name = "mahalanobis"
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> MahalanobisRouter:
+        from sklearn.covariance import LedoitWolf
+
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y)
+        self.k = int(y.max()) + 1
+        self.means = np.stack([x[y == c].mean(0) if (y == c).any() else
+                               np.full(x.shape[1], np.inf) for c in range(self.k)])
+        resid = x - self.means[y]
+        self.precision = LedoitWolf(assume_centered=True).fit(resid).precision_
+        return self
+
+    def distances(self, x: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance of every row to every domain mean ``[N, K]``."""
+        x = np.asarray(x, dtype=np.float64)
+        out = np.empty((len(x), self.k))
+        for c, mu in enumerate(self.means):
+            diff = x - mu  # [N, F]
+            out[:, c] = np.einsum("nf,fg,ng->n", diff, self.precision, diff)
+        return out
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return -np.nan_to_num(self.distances(x), nan=np.inf, posinf=np.inf)
+
+    def ood_score(self, x: np.ndarray) -> np.ndarray:
+        return np.nan_to_num(self.distances(x), nan=np.inf).min(1)
+
+
+class KnnRouter(Router):
+    """kNN in latent space (faiss, exact L2): vote shares and the k-th neighbour distance."""
+
+    name = "knn-latent"
+
+    def __init__(self, k: int = 10) -> None:
+        self.k_nn = k
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> KnnRouter:
+        from cir.router.latent_index import LatentIndex
+
+        x = np.asarray(x, dtype=np.float32)
+        self.y = np.asarray(y)
+        self.k = int(self.y.max()) + 1
+        self.index = LatentIndex(dim=x.shape[1], pooling="given")
+        self.index.add(x, [{} for _ in range(len(x))])
+        return self
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        _, ids = self.index.search(x, self.k_nn)
+        votes = self.y[ids]  # [N, k]
+        return np.stack([(votes == c).mean(1) for c in range(self.k)], axis=1)
+
+    def ood_score(self, x: np.ndarray) -> np.ndarray:
+        dist, _ = self.index.search(x, self.k_nn)
+        return dist[:, -1]
+
+
+def baseline_routers(n_clusters: int = 8, k_nn: int = 10, seed: int = 0) -> dict[str, Router]:
+    """The trained baselines, keyed by name; each reads one feature kind (``FEATURE_OF``)."""
+    return {
+        "gate-emb": GateRouter(tfidf=False, seed=seed),
+        "gate-tfidf": GateRouter(tfidf=True, seed=seed),
+        "tfidf-kmeans": TfidfKMeansRouter(n_clusters=n_clusters, seed=seed),
+        "mahalanobis": MahalanobisRouter(),
+        "knn-latent": KnnRouter(k=k_nn),
+    }
+
+
+FEATURE_OF: dict[str, str] = {
+    "reconstruction": "recon", "likelihood": "nll", "gate-emb": "emb",
+    "gate-tfidf": "docs", "tfidf-kmeans": "docs", "mahalanobis": "latent",
+    "knn-latent": "latent",
+}
+
+
+# ---------------------------------------------------------------- features from models
+
+
+@dataclass
+class Chunks:
+    """Token chunks ``ids, mask [N, T]`` with domain labels ``[N]`` (index into domains)."""
+
+    ids: Any
+    mask: Any
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def take_chunks(datasets: Sequence[Any], max_chunks: int | None) -> Chunks:
+    """Evenly spread chunks of each dataset, labelled by its position in ``datasets``."""
+    import torch
+    from cir.compressor.evaluate import pick_chunks
+
+    ids, mask, labels = [], [], []
+    for c, data in enumerate(datasets):
+        i, m = data.get_batch(pick_chunks(len(data), max_chunks))
+        ids.append(i)
+        mask.append(m.bool())
+        labels += [c] * len(i)
+    return Chunks(torch.cat(ids), torch.cat(mask), np.asarray(labels, dtype=np.int64))
+
+
+def recon_losses(compressors: Sequence[Any], ids: Any, mask: Any) -> np.ndarray:
+    """Reconstruction loss of every chunk under every compressor ``[N, K]``."""
+    return np.stack([c.score(ids, mask).loss.double().numpy() for c in compressors], axis=1)
+
+
+def lm_nll(lms: Sequence[Any], ids: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL and predicted-token counts of every chunk under every expert LM ``[N, K]``."""
+    from cir.experts.evaluate import perplexity
+
+    outs = [perplexity(lm, ids, mask) for lm in lms]
+    return (np.stack([o["nll_sum"].double().numpy() for o in outs], axis=1),
+            np.stack([o["n_tokens"].double().numpy() for o in outs], axis=1))
+
+
+def mean_embeddings(embedding: Any, ids: Any, mask: Any) -> np.ndarray:
+    """Mean of the real tokens' embedding rows ``[N, D]`` (``embedding``: ``[V, D]``)."""
+    import torch
+
+    with torch.no_grad():
+        e = torch.as_tensor(embedding).float()[ids]  # [N, T, D]
+        m = mask.float().unsqueeze(-1)  # [N, T, 1]
+        return ((e * m).sum(1) / m.sum(1).clamp_min(1)).numpy()
+
+
+@dataclass
+class FeatureSet:
+    """Every feature kind of one set of chunks, and the wall time each took to compute."""
+
+    chunks: Chunks
+    feats: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def subset(self, keep: np.ndarray) -> FeatureSet:
+        out = FeatureSet(Chunks(self.chunks.ids[keep], self.chunks.mask[keep],
+                                self.chunks.labels[keep]), seconds=dict(self.seconds))
+        for name, f in self.feats.items():
+            if isinstance(f, tuple):
+                out.feats[name] = tuple(a[keep] for a in f)
+            elif isinstance(f, list):
+                out.feats[name] = [f[i] for i in np.flatnonzero(keep)]
+            else:
+                out.feats[name] = f[keep]
+        return out
+
+    def columns(self, cols: Sequence[int]) -> FeatureSet:
+        """Only experts ``cols`` mounted: per-expert features keep those columns."""
+        out = FeatureSet(self.chunks, dict(self.feats), dict(self.seconds))
+        cols = list(cols)
+        if "recon" in out.feats:
+            out.feats["recon"] = out.feats["recon"][:, cols]
+        if "nll" in out.feats:
+            out.feats["nll"] = tuple(a[:, cols] for a in out.feats["nll"])
+        return out
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def compute_features(chunks: Chunks, compressors: Sequence[Any], lms: Sequence[Any] | None,
+                     reference: Any, pooling: str = "mean") -> FeatureSet:
+    """All features of ``chunks``: reconstruction losses, LM NLLs (when ``lms``), mean token
+    embeddings, tf-idf documents and the ``reference`` compressor's pooled latents."""
+    from cir.router.latent_index import encode_pooled
+
+    fs = FeatureSet(chunks)
+    ids, mask = chunks.ids, chunks.mask
+    jobs: dict[str, Callable[[], Any]] = {
+        "recon": lambda: recon_losses(compressors, ids, mask),
+        "emb": lambda: mean_embeddings(reference.tok_emb.weight.detach(), ids, mask),
+        "docs": lambda: ids_to_docs(ids, mask),
+        "latent": lambda: encode_pooled(reference, ids, mask, pooling),
+    }
+    if lms:
+        jobs["nll"] = lambda: lm_nll(lms, ids, mask)
+    for name, job in jobs.items():
+        fs.feats[name], fs.seconds[name] = _timed(job)
+    return fs
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def make_router(method: str, n_clusters: int = 8, k_nn: int = 10, seed: int = 0) -> Router:
+    if method == "reconstruction":
+        return LossRouter()
+    if method == "likelihood":
+        return LikelihoodRouter()
+    routers = baseline_routers(n_clusters=n_clusters, k_nn=k_nn, seed=seed)
+    if method not in routers:
+        raise ValueError(f"unknown routing method {method!r}; valid: {', '.join(FEATURE_OF)}")
+    return routers[method]
+
+
+def evaluate_method(method: str, train: FeatureSet, test: FeatureSet,
+                    ood: dict[str, FeatureSet], **router_kw: Any) -> dict[str, Any]:
+    """Fit ``method`` on ``train``; accuracy on ``test``; AUROC/FPR95 against each OOD set."""
+    feat = FEATURE_OF[method]
+    if feat not in test.feats:
+        raise ValueError(f"{method} needs feature {feat!r}, which was not computed")
+    router, fit_s = _timed(lambda: make_router(method, **router_kw).fit(
+        train.feats[feat], train.chunks.labels))
+    scores, pred_s = _timed(lambda: router.scores(test.feats[feat]))
+    id_ood = router.ood_score(test.feats[feat])
+    n = len(test.chunks)
+    out: dict[str, Any] = {
+        "method": method,
+        "accuracy": routing_accuracy(scores, test.chunks.labels),
+        "fit_s": fit_s,
+        "ms_per_chunk": 1000 * (test.seconds.get(feat, 0.0) + pred_s) / max(n, 1),
+        "on_mount": ON_MOUNT[method],
+        "ood": {},
+    }
+    for name, fs in ood.items():
+        out["ood"][name] = ood_metrics(id_ood, router.ood_score(fs.feats[feat]))
+    return out
+
+
+def mount_experiment(method: str, train: FeatureSet, test: FeatureSet,
+                     **router_kw: Any) -> dict[str, Any]:
+    """Route with the first K-1 domains, then mount the K-th: accuracy before (on the old
+    domains) and after (on all K, with the update the method needs), and the update's cost."""
+    k = int(train.chunks.labels.max()) + 1
+    old = list(range(k - 1))
+    tr_old = train.subset(train.chunks.labels < k - 1).columns(old)
+    te_old = test.subset(test.chunks.labels < k - 1).columns(old)
+    before = evaluate_method(method, tr_old, te_old, {}, **router_kw)
+    after = evaluate_method(method, train, test, {}, **router_kw)
+    feat = FEATURE_OF[method]
+    router = make_router(method, **router_kw).fit(train.feats[feat], train.chunks.labels)
+    old_sel = test.chunks.labels < k - 1
+    old_scores = router.scores(test.subset(old_sel).feats[feat])
+    retrains = method not in ("reconstruction", "likelihood")
+    return {
+        "method": method,
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "old_domains_after": routing_accuracy(old_scores, test.chunks.labels[old_sel]),
+        "update": ON_MOUNT[method],
+        "update_s": after["fit_s"] if retrains else 0.0,
+    }
+
+
+def flops_per_chunk(method: str, compressors: Sequence[Any], lms: Sequence[Any] | None,
+                    n_train: int, n_domains: int, latent_dim: int) -> float | None:
+    """Rough forward FLOPs to route one chunk (matmuls only; None where not estimated)."""
+    if not compressors:
+        return None
+    c0 = compressors[0]
+    seq = c0.config.seq_len
+    fwd = [c.flops_per_token() / 3.0 * seq for c in compressors]  # forward = training / 3
+    enc_share = c0.config.n_enc_layers / (c0.config.n_enc_layers + c0.config.n_dec_layers)
+    encoder = fwd[0] * enc_share  # encoder only, head excluded roughly
+    table: dict[str, float | None] = {
+        "reconstruction": float(sum(fwd)),
+        "likelihood": (float(sum(2.0 * sum(p.numel() for p in m.parameters()) * seq
+                                 for m in lms)) if lms else None),
+        "gate-emb": 2.0 * c0.config.d_model * n_domains,
+        "gate-tfidf": None,
+        "tfidf-kmeans": None,
+        "mahalanobis": encoder + n_domains * 2.0 * latent_dim * (latent_dim + 1),
+        "knn-latent": encoder + 2.0 * n_train * latent_dim,
+    }
+    return table.get(method)
+
+
+@dataclass
+class DomainModels:
+    """One mounted domain: its compressor, its expert LM (optional) and its data splits."""
+
+    compressor: Any
+    lm: Any
+    train: Any
+    test: Any
+
+
+def bench_routing(
+    domains: dict[str, DomainModels],
+    ood: dict[str, Any] | None = None,
+    max_train: int | None = 200,
+    max_test: int | None = 200,
+    methods: Sequence[str] | None = None,
+    pooling: str = "mean",
+    seed: int = 0,
+    n_clusters: int | None = None,
+    k_nn: int = 10,
+) -> dict[str, Any]:
+    """Every routing method on the same held-out chunks of ``domains`` (>= 2), OOD sets
+    (name -> ``ChunkDataset``: random tokens, a domain not mounted), and, with 3 or more
+    domains, the mount experiment. The first domain's compressor gives the shared latent
+    space and token embeddings of the feature baselines."""
+    if len(domains) < 2:
+        raise ValueError("routing needs at least two domains")
+    names = list(domains)
+    comps = [d.compressor for d in domains.values()]
+    lms = [d.lm for d in domains.values()]
+    lms = lms if all(m is not None for m in lms) else None
+    methods = list(methods or [m for m in FEATURE_OF if m != "likelihood" or lms])
+    kw = {"n_clusters": n_clusters or 4 * len(names), "k_nn": k_nn, "seed": seed}
+
+    def feats(sets: Sequence[Any], n: int | None) -> FeatureSet:
+        return compute_features(take_chunks(sets, n), comps, lms, comps[0], pooling)
+
+    train = feats([d.train for d in domains.values()], max_train)
+    test = feats([d.test for d in domains.values()], max_test)
+    ood_sets = {k: feats([v], max_test) for k, v in (ood or {}).items()}
+    latent_dim = test.feats["latent"].shape[1]
+    rows = []
+    for m in methods:
+        row = evaluate_method(m, train, test, ood_sets, **kw)
+        row["flops_per_chunk"] = flops_per_chunk(m, comps, lms, len(train.chunks), len(names),
+                                                 latent_dim)
+        rows.append(row)
+    mount = ([mount_experiment(m, train, test, **kw) for m in methods]
+             if len(names) >= 3 else [])
+    return {"domains": names, "n_train": len(train.chunks), "n_test": len(test.chunks),
+            "ood_sets": {k: len(v.chunks) for k, v in ood_sets.items()},
+            "pooling": pooling, "methods": rows, "mount": mount,
+            "mounted_last": names[-1] if mount else None}
