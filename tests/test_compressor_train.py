@@ -1,0 +1,134 @@
+"""Compressor training, resuming, evaluation, benchmark and CLI (debug preset, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from cir.cli.main import app
+from cir.compressor.bench import bench_scoring
+from cir.compressor.evaluate import auroc, auroc_table, evaluate, rows_to_markdown
+from cir.compressor.model import Compressor
+from cir.compressor.train import default_train_config, train_compressor
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cir.checkpoint import load_checkpoint
+
+
+class Chunks:
+    """In-memory chunks with a learnable structure: each chunk cycles through a short
+    random motif of token ids; lengths vary so the tail is padding."""
+
+    def __init__(self, n: int, seq_len: int = 32, vocab: int = 512, seed: int = 0,
+                 uniform: bool = False) -> None:
+        rng = np.random.default_rng(seed)
+        self.seq_len, self.vocab_size = seq_len, vocab
+        if uniform:
+            self.ids = rng.integers(2, vocab, size=(n, seq_len))
+        else:
+            motifs = rng.integers(2, 20, size=(n, 2))  # a small sub-vocabulary
+            self.ids = motifs[:, np.arange(seq_len) % 2]
+        self.lengths = rng.integers(seq_len // 2, seq_len + 1, size=n)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get_batch(self, idx):
+        mask = torch.as_tensor(np.arange(self.seq_len)[None, :] < self.lengths[idx][:, None])
+        ids = torch.as_tensor(self.ids[idx], dtype=torch.long).masked_fill(~mask, 0)
+        return ids, mask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared machine run far faster on one thread than on two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(**kw):
+    return default_train_config("debug", **{"steps": 40, "device": "cpu", **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp")
+    logs: list[dict] = []
+    result = train_compressor(Chunks(256), out, preset="debug", train_cfg=_cfg(steps=800),
+                              on_log=logs.append)
+    return out, result, logs
+
+
+def test_train_decreases_loss(trained):
+    out, result, logs = trained
+    losses = [r["loss"] for r in logs if r["event"] == "train"]
+    assert result.step == 800 and len(losses) > 3
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2])
+    assert (out / "config.json").is_file() and (out / "metrics.jsonl").is_file()
+    assert isinstance(load_checkpoint(out), Compressor)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = Chunks(64, seed=3)
+    full = train_compressor(data, tmp_path / "full", preset="debug", train_cfg=_cfg(steps=30))
+    first = train_compressor(data, tmp_path / "cut", preset="debug", train_cfg=_cfg(steps=30),
+                             stop_at=13)  # killed after step 13 (checkpoint at 13)
+    assert first.step == 13
+    second = train_compressor(data, tmp_path / "cut", preset="debug", train_cfg=_cfg(steps=30))
+    assert second.resumed_from == 13 and second.step == full.step == 30
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_in_domain_vs_random(trained):
+    out, _, _ = trained
+    sets = {"id": Chunks(64, seed=9), "random": Chunks(64, seed=9, uniform=True)}
+    rows = evaluate(out, sets, batch_size=16, max_chunks=48)
+    id_row, rnd = rows
+    assert [r.name for r in rows] == ["id", "random"] and id_row.chunks == 48
+    assert rnd.tra < 0.02 < 0.5 < id_row.tra
+    assert id_row.tokens == int(sum(Chunks(64, seed=9).lengths[np.unique(
+        np.linspace(0, 63, 48).round().astype(int))]))
+    assert len(id_row.chunk_tra) == len(id_row.chunk_loss) == 48
+    assert auroc(id_row, rnd) > 0.99
+    assert auroc_table(rows) == {"random": auroc(id_row, rnd)}
+    md = rows_to_markdown(rows, auroc_table(rows))
+    assert md.count("\n") == 3 and "| random |" in md
+
+
+def test_auroc_matches_rank_definition():
+    from cir.compressor.evaluate import EvalRow
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 30), rng.normal(1, 1, 20)
+    ra = EvalRow("a", 30, 0, 0, 0, 0, chunk_loss=a)
+    rb = EvalRow("b", 20, 0, 0, 0, 0, chunk_loss=b)
+    naive = np.mean([[float(y > x) + 0.5 * float(y == x) for x in a] for y in b])
+    assert auroc(ra, rb) == pytest.approx(naive)
+
+
+def test_bench_reports_throughput():
+    r = bench_scoring("debug", batch_size=4, repeats=2, warmup=1)
+    assert r.params > 0 and r.tokens_per_s > 0 and r.random_weights
+    assert r.tokens_per_s == pytest.approx(4 * r.seq_len / r.median_s)
+
+
+def test_cli_bench_json():
+    res = CliRunner().invoke(app, ["bench", "compressor", "--preset", "debug", "--repeats", "1",
+                                   "--batch-size", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out[0]["preset"] == "debug" and out[0]["tokens_per_s"] > 0
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "compressor", "--preset", "nope", "--json"])
+    assert res.exit_code == 2 and "valid: debug, small, base, paper" in res.output
+    res = CliRunner().invoke(app, ["compressor", "eval", str(tmp_path), "--data", "x"])
+    assert res.exit_code == 2 and "not a checkpoint directory" in res.output
