@@ -1,0 +1,95 @@
+"""Token ids to fixed-length chunks, and text (or a huge file) to chunks for scoring.
+
+A chunk is ``seq_len`` ids; a document's last chunk is padded with ``PAD_ID`` and its
+length (real tokens) says where the padding starts. Per-document chunking never puts two
+documents in one chunk, so every chunk belongs to one domain: this is what routing needs.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+from cir.data.tokenizer import PAD_ID, encode
+from tokenizers import Tokenizer
+
+DEFAULT_SEQ_LEN = 512
+DEFAULT_READ_BYTES = 4 * 2**20
+
+
+def chunk_ids(ids: np.ndarray | list[int], seq_len: int, dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Cut one token sequence into ``[N, seq_len]`` chunks (tail padded) and lengths ``[N]``."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    ids = np.asarray(ids, dtype=np.int64)
+    n = -(-len(ids) // seq_len)  # ceil
+    out = np.full((n, seq_len), PAD_ID, dtype=dtype)  # [N, T]
+    out.reshape(-1)[: len(ids)] = ids
+    lengths = np.full(n, seq_len, dtype=np.int32)  # [N]
+    if n and len(ids) % seq_len:
+        lengths[-1] = len(ids) % seq_len
+    return out, lengths
+
+
+def chunk_text(text: str, tokenizer: Tokenizer, seq_len: int = DEFAULT_SEQ_LEN) -> tuple[np.ndarray, np.ndarray]:
+    """Token chunks of ``text``: ids ``int64 [N, T]`` (tail padded with PAD_ID), lengths ``int32 [N]``."""
+    return chunk_ids(encode(tokenizer, text), seq_len)
+
+
+# A newline between two non-space characters ends a pre-token on both sides under the
+# byte-level BPE regex, so cutting there tokenises both pieces exactly as the whole text.
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def _cut_point(text: str) -> int:
+    """Index after the last newline where the text can be cut without changing tokens."""
+    last = None
+    for m in _SAFE_CUT.finditer(text, max(0, len(text) - 2**20)):
+        last = m
+    if last is not None:
+        return last.end()
+    nl = text.rfind("\n")
+    return nl + 1 if nl >= 0 else len(text)
+
+
+def _text_pieces(path: str | os.PathLike, max_bytes_per_read: int) -> Iterator[str]:
+    """The file as text pieces of about ``max_bytes_per_read`` bytes, cut at safe newlines."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    carry = ""
+    with open(path, "rb") as f:
+        while block := f.read(max_bytes_per_read):
+            text = carry + decoder.decode(block)
+            cut = _cut_point(text)
+            piece, carry = text[:cut], text[cut:]
+            if piece:
+                yield piece
+    carry += decoder.decode(b"", final=True)
+    if carry:
+        yield carry
+
+
+def iter_text_chunks(
+    path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    max_bytes_per_read: int = DEFAULT_READ_BYTES,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream a file of any size as chunk arrays ``(ids int64 [n, T], lengths int32 [n])``.
+
+    Memory stays around ``max_bytes_per_read``; the concatenation of everything yielded
+    equals ``chunk_text(whole file)`` (invalid UTF-8 is replaced by U+FFFD).
+    """
+    if max_bytes_per_read < 1:
+        raise ValueError("max_bytes_per_read must be >= 1")
+    pending = np.zeros(0, dtype=np.int64)
+    for piece in _text_pieces(path, max_bytes_per_read):
+        pending = np.concatenate([pending, np.asarray(encode(tokenizer, piece), dtype=np.int64)])
+        full = len(pending) // seq_len * seq_len
+        if full:
+            yield chunk_ids(pending[:full], seq_len)
+            pending = pending[full:]
+    if len(pending):
+        yield chunk_ids(pending, seq_len)

@@ -1,0 +1,382 @@
+"""Chunk datasets on disk: build them from a source, open them as memmaps.
+
+A dataset is a directory::
+
+    manifest.json     name, source, seq_len, vocab_size, dtype, tokenizer sha256,
+                      per split: documents, tokens, chunks, bytes; skipped files by reason
+    tokenizer.json    the tokenizer the ids come from
+    <split>.bin       uint16 (uint32 for vocabularies over 65536) ids, [N, seq_len], row-major
+    <split>.len       int32 real tokens per chunk, [N] (padding is at the tail)
+
+Default chunking is per document: a chunk never mixes two documents, so each chunk has
+one domain (routing scores chunks). ``pack=True`` instead concatenates documents with an
+EOS between them and cuts full chunks (no padding except a split's last chunk), the usual
+layout for LM training. Builds stream documents and append to the shard files, so memory
+is bounded; they happen in a temporary directory renamed into place at the end, so an
+interrupted build never leaves a directory that reads as a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from cir.data.chunking import DEFAULT_SEQ_LEN, chunk_ids
+from cir.data.sources import Document, SkipStats, iter_documents
+from cir.data.split import SPLITS, split_of
+from cir.data.tokenizer import (
+    DEFAULT_VOCAB_SIZE,
+    EOS_ID,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_hash,
+    train_tokenizer,
+)
+from tokenizers import Tokenizer
+
+from cir.paths import datasets_dir
+
+FORMAT_VERSION = 1
+ENCODE_BATCH = 64
+TOKENIZER_TRAIN_BYTES = 64 * 2**20
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype holding ids ``0 .. vocab_size - 1``."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _spec_str(source: Any) -> str | list[str]:
+    if isinstance(source, (list, tuple)):
+        return [str(s) for s in source]
+    return str(source)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass
+class SplitWriter:
+    """Appends chunks of one split to ``<split>.bin`` / ``<split>.len``."""
+
+    root: Path
+    split: str
+    seq_len: int
+    dtype: np.dtype
+    pack: bool
+    documents: int = 0
+    tokens: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    _buffer: list[np.ndarray] = field(default_factory=list)
+    _buffered: int = 0
+
+    def __post_init__(self) -> None:
+        self._bin = open(self.root / f"{self.split}.bin", "wb")  # noqa: SIM115 - closed in close()
+        self._len = open(self.root / f"{self.split}.len", "wb")  # noqa: SIM115
+
+    def add(self, text_bytes: int, ids: list[int]) -> None:
+        self.documents += 1
+        self.tokens += len(ids)
+        self.bytes += text_bytes
+        if not self.pack:
+            self._write(*chunk_ids(ids, self.seq_len, self.dtype))
+            return
+        self._buffer.append(np.asarray([*ids, EOS_ID], dtype=np.int64))
+        self._buffered += len(ids) + 1
+        if self._buffered >= self.seq_len:
+            self._flush_packed(final=False)
+
+    def _flush_packed(self, final: bool) -> None:
+        stream = np.concatenate(self._buffer) if self._buffer else np.zeros(0, np.int64)
+        keep = len(stream) if final else len(stream) // self.seq_len * self.seq_len
+        if keep:
+            self._write(*chunk_ids(stream[:keep], self.seq_len, self.dtype))
+        rest = stream[keep:]
+        self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
+
+    def _write(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        self._bin.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self._len.write(lengths.astype(np.int32).tobytes())
+        self.chunks += len(ids)
+
+    def close(self) -> dict[str, int]:
+        if self.pack:
+            self._flush_packed(final=True)
+        self._bin.close()
+        self._len.close()
+        return {"documents": self.documents, "tokens": self.tokens, "chunks": self.chunks, "bytes": self.bytes}
+
+
+def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _dedup(docs: Iterable[Document], stats: SkipStats) -> Iterator[Document]:
+    """Drop exact duplicate texts (vendored copies): one text must not sit in two splits."""
+    seen: set[bytes] = set()
+    for doc in docs:
+        key = hashlib.blake2b(doc.text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if key in seen:
+            stats.add("duplicate", doc.id)
+            continue
+        seen.add(key)
+        yield doc
+
+
+def _train_texts(source: Any, strict: bool, max_bytes: int, max_file_bytes: int) -> Iterator[str]:
+    """Texts of the train split, up to ``max_bytes``, for training the tokenizer."""
+    total = 0
+    for doc in _dedup(iter_documents(source, SkipStats(), strict, max_file_bytes), SkipStats()):
+        if split_of(doc.id) != "train":
+            continue
+        yield doc.text
+        total += len(doc.text.encode("utf-8", "surrogatepass"))
+        if total >= max_bytes:
+            return
+
+
+def _resolve_tokenizer(
+    tmp: Path, source: Any, tokenizer: str | os.PathLike | None, vocab_size: int,
+    max_tokens: int | None, strict: bool, max_file_bytes: int,
+) -> Tokenizer:
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    else:
+        cap = TOKENIZER_TRAIN_BYTES if max_tokens is None else min(TOKENIZER_TRAIN_BYTES, 8 * max_tokens)
+        tok = train_tokenizer(_train_texts(source, strict, cap, max_file_bytes), vocab_size)
+    save_tokenizer(tok, tmp / "tokenizer.json")
+    return tok
+
+
+def _encode_all(
+    tok: Tokenizer, docs: Iterable[Document], writers: dict[str, SplitWriter],
+    max_tokens: int | None, on_progress: Callable[[dict[str, int]], None] | None,
+) -> bool:
+    """Encode and write every document; True when the train budget stopped the stream."""
+    for batch in _batches(docs, ENCODE_BATCH):
+        encodings = tok.encode_batch([d.text for d in batch], add_special_tokens=False)
+        for doc, enc in zip(batch, encodings, strict=True):
+            writers[split_of(doc.id)].add(len(doc.text.encode("utf-8", "surrogatepass")), enc.ids)
+        if on_progress is not None:
+            on_progress(_progress_counts(writers))
+        if max_tokens is not None and writers["train"].tokens >= max_tokens:
+            return True
+    return False
+
+
+def _progress_counts(writers: dict[str, SplitWriter]) -> dict[str, int]:
+    return {
+        "documents": sum(w.documents for w in writers.values()),
+        "tokens": sum(w.tokens for w in writers.values()),
+        "train_tokens": writers["train"].tokens,
+    }
+
+
+def build_dataset(
+    out_dir: str | os.PathLike,
+    source: Any,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    max_tokens: int | None = None,
+    pack: bool = False,
+    strict: bool = False,
+    max_file_bytes: int = 8 * 2**20,
+    overwrite: bool = False,
+    on_progress: Callable[[dict[str, int]], None] | None = None,
+) -> dict[str, Any]:
+    """Build a chunk dataset from ``source`` into ``out_dir``; returns its manifest.
+
+    ``tokenizer`` is a tokenizer.json path; without one a byte-level BPE of ``vocab_size``
+    is trained on the train split. ``max_tokens`` stops once the train split has that many
+    tokens. See the module docstring for the layout.
+    """
+    out = Path(out_dir)
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"dataset already exists: {out} (pass overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        manifest = _build_into(
+            tmp, out.name, source, tokenizer, vocab_size, seq_len, max_tokens, pack, strict,
+            max_file_bytes, on_progress,
+        )
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _build_into(
+    tmp: Path, name: str, source: Any, tokenizer: Any, vocab_size: int, seq_len: int,
+    max_tokens: int | None, pack: bool, strict: bool, max_file_bytes: int,
+    on_progress: Callable[[dict[str, int]], None] | None,
+) -> dict[str, Any]:
+    tok = _resolve_tokenizer(tmp, source, tokenizer, vocab_size, max_tokens, strict, max_file_bytes)
+    vocab = tok.get_vocab_size()
+    dtype = ids_dtype(vocab)
+    stats = SkipStats()
+    writers = {s: SplitWriter(tmp, s, seq_len, dtype, pack) for s in SPLITS}
+    docs = _dedup(iter_documents(source, stats, strict, max_file_bytes), stats)
+    try:
+        truncated = _encode_all(tok, docs, writers, max_tokens, on_progress)
+    finally:
+        splits = {s: w.close() for s, w in writers.items()}
+    if splits["train"]["documents"] == 0:
+        raise ValueError(f"source {source!r} gave no training documents ({stats.total} files skipped: {dict(stats.counts)})")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "source": _spec_str(source),
+        "seq_len": seq_len,
+        "vocab_size": vocab,
+        "dtype": dtype.name,
+        "pack": pack,
+        "tokenizer_sha256": tokenizer_hash(tmp / "tokenizer.json"),
+        "max_tokens": max_tokens,
+        "truncated": truncated,
+        "splits": splits,
+        "skipped": stats.to_dict(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished build into place; an old dataset goes only once the new one is there."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class ChunkDataset:
+    """One split of a built dataset: zero-copy memmap ids ``[N, T]`` and lengths ``[N]``."""
+
+    def __init__(self, root: str | os.PathLike, split: str) -> None:
+        self.root = Path(root)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
+        self.split = split
+        self.manifest: dict[str, Any] = json.loads((self.root / "manifest.json").read_text())
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{self.root}: dataset format {self.manifest.get('format_version')} != {FORMAT_VERSION}, rebuild it")
+        self.seq_len: int = int(self.manifest["seq_len"])
+        self.vocab_size: int = int(self.manifest["vocab_size"])
+        n = int(self.manifest["splits"][split]["chunks"])
+        dtype = np.dtype(self.manifest["dtype"])
+        bin_path = self.root / f"{split}.bin"
+        expected = n * self.seq_len * dtype.itemsize
+        if bin_path.stat().st_size != expected:
+            raise ValueError(f"{bin_path}: {bin_path.stat().st_size} bytes, manifest says {expected}")
+        if n:
+            self.ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n, self.seq_len))  # [N, T]
+        else:
+            self.ids = np.zeros((0, self.seq_len), dtype=dtype)
+        self.lengths = np.fromfile(self.root / f"{split}.len", dtype=np.int32)  # [N]
+        if len(self.lengths) != n:
+            raise ValueError(f"{self.root}/{split}.len: {len(self.lengths)} entries, expected {n}")
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / "tokenizer.json"
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __repr__(self) -> str:
+        return f"ChunkDataset({str(self.root)!r}, split={self.split!r}, chunks={len(self)}, seq_len={self.seq_len})"
+
+    def get_batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids`` LongTensor ``[B, T]`` and ``mask`` BoolTensor ``[B, T]`` (True = real token)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        ids = torch.from_numpy(self.ids[idx].astype(np.int64))  # [B, T]
+        lengths = torch.from_numpy(self.lengths[idx].astype(np.int64))  # [B]
+        mask = torch.arange(self.seq_len)[None, :] < lengths[:, None]  # [B, T]
+        return ids, mask
+
+
+class RandomChunks:
+    """Uniform random token ids in ``[2, vocab_size)`` (no pad/eos): the full-OOD set."""
+
+    def __init__(
+        self, split: str = "test", seq_len: int = DEFAULT_SEQ_LEN, vocab_size: int = DEFAULT_VOCAB_SIZE,
+        n_chunks: int = 1024, seed: int = 0,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
+        if vocab_size < 3 or seq_len < 1 or n_chunks < 0:
+            raise ValueError("need vocab_size >= 3, seq_len >= 1, n_chunks >= 0")
+        self.split, self.seq_len, self.vocab_size = split, seq_len, vocab_size
+        rng = np.random.default_rng([seed, SPLITS.index(split)])
+        self.ids = rng.integers(2, vocab_size, size=(n_chunks, seq_len)).astype(ids_dtype(vocab_size))  # [N, T]
+        self.lengths = np.full(n_chunks, seq_len, dtype=np.int32)  # [N]
+        self.tokenizer_path: Path | None = None
+        self.manifest: dict[str, Any] = {
+            "name": "random", "source": "random", "seq_len": seq_len, "vocab_size": vocab_size,
+            "seed": seed, "splits": {split: {"documents": 0, "tokens": n_chunks * seq_len, "chunks": n_chunks}},
+        }
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def get_batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        ids = torch.from_numpy(self.ids[idx].astype(np.int64))  # [B, T]
+        return ids, torch.ones_like(ids, dtype=torch.bool)
+
+
+def resolve_dataset(name_or_path: str | os.PathLike) -> Path:
+    """A dataset directory: a path holding manifest.json, or a name under ``datasets_dir()``."""
+    path = Path(name_or_path).expanduser()
+    for candidate in (path, datasets_dir() / str(name_or_path)):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    known = sorted(p.name for p in datasets_dir().glob("*") if (p / "manifest.json").is_file()) if datasets_dir().is_dir() else []
+    raise FileNotFoundError(
+        f"no dataset '{name_or_path}' (looked for a directory with manifest.json and under {datasets_dir()}); "
+        f"available: {', '.join(known) or 'none'}, or 'random'"
+    )
+
+
+def open_dataset(name_or_path: str | os.PathLike, split: str = "train", **random_kwargs: Any) -> ChunkDataset | RandomChunks:
+    """Open one split of a dataset by name or path; ``"random"`` takes seq_len, vocab_size, n_chunks, seed."""
+    if str(name_or_path) == "random":
+        return RandomChunks(split, **random_kwargs)
+    if random_kwargs:
+        raise TypeError(f"options {sorted(random_kwargs)} apply only to the 'random' dataset")
+    return ChunkDataset(resolve_dataset(name_or_path), split)
+
+
+def list_datasets() -> list[str]:
+    root = datasets_dir()
+    return sorted(p.name for p in root.glob("*") if (p / "manifest.json").is_file()) if root.is_dir() else []
