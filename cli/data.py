@@ -1,9 +1,161 @@
-"""`route-cli` commands of the data group."""
+"""`route-cli` commands of the data group: `data build | info | sources | list`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+from cir.cli.common import console, handle_errors, print_json, progress
+from rich.table import Table
+
+data_app = typer.Typer(
+    help="Corpora and chunk datasets: build them from a source, inspect them.",
+    no_args_is_help=True,
+)
+
+
+def _progress_callback(bar: Any, task: Any, max_tokens: int | None) -> Any:
+    def on_progress(info: dict[str, Any]) -> None:
+        if info["phase"] == "tokenizer":
+            bar.update(task, description="training tokenizer",
+                       info=f"{info['documents']:,} docs  {info['bytes'] / 2**20:,.1f} MiB")
+            return
+        bar.update(task, description="encoding", total=max_tokens, completed=info["train_tokens"],
+                   info=f"{info['documents']:,} docs  {info['tokens']:,} tokens")
+
+    return on_progress
+
+
+@data_app.command("build")
+@handle_errors
+def build_cmd(
+    name: str = typer.Argument(..., help="Dataset name (stored under $CIR_HOME/datasets/NAME)."),
+    source: str = typer.Option(..., "--source", "-s", help="python-code | python-docs | c-code | man-pages | DIR | GLOB | FILE | hf:<dataset>[:<config>][:<split>]"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Stop once the train split has this many tokens."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Use this tokenizer.json (default: train one on the train split)."),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="Vocabulary of a newly trained tokenizer."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per chunk."),
+    pack: bool = typer.Option(False, "--pack", help="Concatenate documents with EOS (LM training) instead of per-document chunks."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first unreadable, binary or non-UTF-8 file instead of skipping it."),
+    max_file_mb: float = typer.Option(8.0, "--max-file-mb", help="Skip files larger than this."),
+    out: Path | None = typer.Option(None, "--out", help="Dataset directory (default: $CIR_HOME/datasets/NAME)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Tokenise a source into fixed-length chunk shards with a train/val/test split.
+
+    Example: route-cli data build pycode --source python-code --max-tokens 5000000
+    """
+    from cir.data.shards import build_dataset
+
+    from cir.paths import datasets_dir
+
+    target = out if out is not None else datasets_dir() / name
+    with progress(disable=as_json) as bar:
+        task = bar.add_task("reading", total=None, info="")
+        manifest = build_dataset(
+            target, source, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq_len,
+            max_tokens=max_tokens, pack=pack, strict=strict, max_file_bytes=int(max_file_mb * 2**20),
+            overwrite=overwrite, on_progress=_progress_callback(bar, task, max_tokens),
+        )
+    if as_json:
+        print_json({**manifest, "path": str(target)})
+        return
+    _render_info(_summary(target))
+
+
+def _summary(name_or_path: str | Path) -> dict[str, Any]:
+    from cir.data.shards import dataset_summary
+
+    return dataset_summary(name_or_path)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _render_info(info: dict[str, Any]) -> None:
+    console.print(f"[bold]{info['name']}[/]  {info['path']}")
+    console.print(
+        f"source {info['source']}  seq_len {info['seq_len']}  vocab {info['vocab_size']} ({info['dtype']})  "
+        f"{'packed' if info['pack'] else 'per-document'}  tokenizer {info['tokenizer_sha256'][:12]}  "
+        f"{'stopped at --max-tokens  ' if info['truncated'] else ''}built {info['created_at']}",
+        highlight=False,
+    )
+    table = Table("split", "documents", "tokens", "chunks", "MiB", "bytes/token", "fill")
+    for split, s in info["splits"].items():
+        table.add_row(split, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['chunks']:,}",
+                      f"{s['bytes'] / 2**20:,.2f}", _fmt(s["bytes_per_token"], ".3f"), _fmt(s["fill"], ".1%"))
+    console.print(table)
+    console.print(f"held-out (val+test) bytes/token: {_fmt(info['heldout_bytes_per_token'], '.3f')}")
+    skipped = info["skipped"]["counts"]
+    if not skipped:
+        console.print("skipped files: none")
+        return
+    skip_table = Table("skipped", "files", "e.g.")
+    for reason, count in skipped.items():
+        examples = info["skipped"]["examples"].get(reason, [])
+        skip_table.add_row(reason, f"{count:,}", examples[0] if examples else "")
+    console.print(skip_table)
+
+
+@data_app.command("info")
+@handle_errors
+def info_cmd(
+    name: str = typer.Argument(..., help="Dataset name (under $CIR_HOME/datasets) or directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Documents, tokens and chunks per split, skipped files and why, bytes per token.
+
+    Example: route-cli data info pycode --json
+    """
+    info = _summary(name)
+    if as_json:
+        print_json(info)
+        return
+    _render_info(info)
+
+
+@data_app.command("sources")
+@handle_errors
+def sources_cmd(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")) -> None:
+    """Built-in sources and whether each is present on this machine.
+
+    Example: route-cli data sources
+    """
+    from cir.data.sources import describe_sources
+
+    rows = describe_sources()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("name", "kind", "present", "description")
+    for row in rows:
+        table.add_row(row["name"], row["kind"], "yes" if row["present"] else "[red]no[/]", row["description"])
+    console.print(table)
+    console.print("Also: a directory, a file, a glob, or hf:<dataset>[:<config>][:<split>][?data_files=...&column=...]")
+
+
+@data_app.command("list")
+@handle_errors
+def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")) -> None:
+    """Datasets built under $CIR_HOME/datasets.
+
+    Example: route-cli data list
+    """
+    from cir.data.shards import list_datasets
+
+    names = list_datasets()
+    if as_json:
+        print_json(names)
+        return
+    if not names:
+        console.print("no datasets yet: route-cli data build NAME --source python-code")
+    for name in names:
+        console.print(name)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this group's commands to the top-level app and the `bench` group."""
+    app.add_typer(data_app, name="data")

@@ -141,34 +141,43 @@ def _dedup(docs: Iterable[Document], stats: SkipStats) -> Iterator[Document]:
         yield doc
 
 
-def _train_texts(source: Any, strict: bool, max_bytes: int, max_file_bytes: int) -> Iterator[str]:
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def _train_texts(
+    source: Any, strict: bool, max_bytes: int, max_file_bytes: int, on_progress: ProgressFn | None
+) -> Iterator[str]:
     """Texts of the train split, up to ``max_bytes``, for training the tokenizer."""
-    total = 0
+    total = documents = 0
     for doc in _dedup(iter_documents(source, SkipStats(), strict, max_file_bytes), SkipStats()):
         if split_of(doc.id) != "train":
             continue
         yield doc.text
         total += len(doc.text.encode("utf-8", "surrogatepass"))
+        documents += 1
+        if on_progress is not None and documents % ENCODE_BATCH == 0:
+            on_progress({"phase": "tokenizer", "documents": documents, "bytes": total})
         if total >= max_bytes:
             return
 
 
 def _resolve_tokenizer(
     tmp: Path, source: Any, tokenizer: str | os.PathLike | None, vocab_size: int,
-    max_tokens: int | None, strict: bool, max_file_bytes: int,
+    max_tokens: int | None, strict: bool, max_file_bytes: int, on_progress: ProgressFn | None,
 ) -> Tokenizer:
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     else:
         cap = TOKENIZER_TRAIN_BYTES if max_tokens is None else min(TOKENIZER_TRAIN_BYTES, 8 * max_tokens)
-        tok = train_tokenizer(_train_texts(source, strict, cap, max_file_bytes), vocab_size)
+        texts = _train_texts(source, strict, cap, max_file_bytes, on_progress)
+        tok = train_tokenizer(texts, vocab_size)
     save_tokenizer(tok, tmp / "tokenizer.json")
     return tok
 
 
 def _encode_all(
     tok: Tokenizer, docs: Iterable[Document], writers: dict[str, SplitWriter],
-    max_tokens: int | None, on_progress: Callable[[dict[str, int]], None] | None,
+    max_tokens: int | None, on_progress: ProgressFn | None,
 ) -> bool:
     """Encode and write every document; True when the train budget stopped the stream."""
     for batch in _batches(docs, ENCODE_BATCH):
@@ -182,8 +191,9 @@ def _encode_all(
     return False
 
 
-def _progress_counts(writers: dict[str, SplitWriter]) -> dict[str, int]:
+def _progress_counts(writers: dict[str, SplitWriter]) -> dict[str, Any]:
     return {
+        "phase": "encode",
         "documents": sum(w.documents for w in writers.values()),
         "tokens": sum(w.tokens for w in writers.values()),
         "train_tokens": writers["train"].tokens,
@@ -202,7 +212,7 @@ def build_dataset(
     strict: bool = False,
     max_file_bytes: int = 8 * 2**20,
     overwrite: bool = False,
-    on_progress: Callable[[dict[str, int]], None] | None = None,
+    on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Build a chunk dataset from ``source`` into ``out_dir``; returns its manifest.
 
@@ -232,9 +242,11 @@ def build_dataset(
 def _build_into(
     tmp: Path, name: str, source: Any, tokenizer: Any, vocab_size: int, seq_len: int,
     max_tokens: int | None, pack: bool, strict: bool, max_file_bytes: int,
-    on_progress: Callable[[dict[str, int]], None] | None,
+    on_progress: ProgressFn | None,
 ) -> dict[str, Any]:
-    tok = _resolve_tokenizer(tmp, source, tokenizer, vocab_size, max_tokens, strict, max_file_bytes)
+    tok = _resolve_tokenizer(
+        tmp, source, tokenizer, vocab_size, max_tokens, strict, max_file_bytes, on_progress
+    )
     vocab = tok.get_vocab_size()
     dtype = ids_dtype(vocab)
     stats = SkipStats()
@@ -380,3 +392,19 @@ def open_dataset(name_or_path: str | os.PathLike, split: str = "train", **random
 def list_datasets() -> list[str]:
     root = datasets_dir()
     return sorted(p.name for p in root.glob("*") if (p / "manifest.json").is_file()) if root.is_dir() else []
+
+
+def dataset_summary(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest plus derived figures: bytes per token per split and over val+test."""
+    root = resolve_dataset(name_or_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    seq_len = manifest["seq_len"]
+    for stats in manifest["splits"].values():
+        stats["bytes_per_token"] = stats["bytes"] / stats["tokens"] if stats["tokens"] else None
+        slots = stats["chunks"] * seq_len
+        stats["fill"] = (stats["tokens"] + (stats["documents"] if manifest["pack"] else 0)) / slots if slots else None
+    held = [manifest["splits"][s] for s in ("val", "test")]
+    held_tokens = sum(s["tokens"] for s in held)
+    manifest["heldout_bytes_per_token"] = sum(s["bytes"] for s in held) / held_tokens if held_tokens else None
+    manifest["path"] = str(root)
+    return manifest
