@@ -1,0 +1,216 @@
+"""Mount a new domain expert: corpus -> compressor + TLinFormer LM -> calibration -> registry.
+
+Steps (each resumable; the training state lives in ``REGISTRY/.work/NAME/``):
+
+1. build the corpus (``cir.data.build_dataset``) with the registry tokenizer. The first
+   mount of an empty registry trains the tokenizer on its own corpus and installs it as
+   the registry tokenizer; ``route-cli quickstart`` instead trains one on all its domains
+   first, which gives every expert a fair vocabulary;
+2. train the compressor (``cir.compressor.train.train_compressor``) and the LM
+   (``cir.experts.train.train_expert``, TLinFormer); re-running an interrupted mount
+   resumes both from their last checkpoint;
+3. calibrate the OOD threshold on held-out (``val``) in-domain chunks
+   (:func:`cir.router.routing.calibrate`);
+4. register atomically (:meth:`Registry.add_expert`), then delete the work dir.
+
+Existing experts are only read, never written. Two mounts of the same name exclude each
+other through a per-name lock; mounts of different names run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import filelock
+import numpy as np
+import torch
+from cir.router.registry import ExpertExistsError, ExpertInfo, Registry, RegistryError, sha256_file
+from cir.router.routing import DEFAULT_MARGIN, DEFAULT_QUANTILE, calibrate
+
+# LM training settings per preset (the compressor has its own in cir.compressor.train).
+LM_TRAIN: dict[str, dict[str, Any]] = {
+    "debug": dict(steps=30, batch_size=8, lr=3e-3, warmup_steps=3, eval_every=1000,
+                  ckpt_every=10, log_every=5),
+    "small": dict(steps=300, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=100,
+                  ckpt_every=50, log_every=10),
+}
+LM_PRESET = {"debug": "debug", "small": "small"}
+
+Event = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class MountConfig:
+    preset: str = "small"
+    max_tokens: int | None = 2_000_000
+    steps_compressor: int | None = None
+    steps_lm: int | None = None
+    vocab_size: int | None = None  # only when this mount trains the registry tokenizer
+    lm_arch: str = "tlinformer"
+    calib_chunks: int = 256
+    quantile: float = DEFAULT_QUANTILE
+    margin: float = DEFAULT_MARGIN
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preset not in LM_TRAIN:
+            raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(LM_TRAIN)}")
+
+
+@dataclass
+class MountResult:
+    info: ExpertInfo
+    timings: dict[str, float]
+    resumed: bool
+
+
+def _seq_len_and_vocab(preset: str) -> tuple[int, int]:
+    from cir.compressor.model import CompressorConfig
+
+    p = CompressorConfig.presets[preset]
+    return int(p["seq_len"]), int(p["vocab_size"])
+
+
+def _dataset_ok(data_dir: Path, tokenizer_sha: str | None) -> bool:
+    manifest = data_dir / "manifest.json"
+    if not manifest.is_file():
+        return False
+    return tokenizer_sha is None or json.loads(manifest.read_text())["tokenizer_sha256"] == tokenizer_sha
+
+
+def build_corpus(registry: Registry, work: Path, source: Any, cfg: MountConfig) -> Path:
+    """The domain's chunk dataset under ``work/data``, tokenized with the registry tokenizer."""
+    from cir.data import build_dataset
+
+    data = work / "data"
+    seq_len, preset_vocab = _seq_len_and_vocab(cfg.preset)
+    reg_sha = registry.tokenizer_hash() if registry.has_tokenizer() else None
+    if not _dataset_ok(data, reg_sha):
+        tok = registry.tokenizer_path if reg_sha else None
+        build_dataset(data, source, tokenizer=tok, vocab_size=cfg.vocab_size or preset_vocab,
+                      seq_len=seq_len, max_tokens=cfg.max_tokens, overwrite=True)
+    if reg_sha is None:
+        try:
+            registry.set_tokenizer(data / "tokenizer.json")
+        except RegistryError:  # another first mount installed its tokenizer meanwhile
+            build_dataset(data, source, tokenizer=registry.tokenizer_path, seq_len=seq_len,
+                          max_tokens=cfg.max_tokens, overwrite=True)
+    return data
+
+
+def _train_compressor(work: Path, data: Path, tok: Path, cfg: MountConfig, on_log: Event | None):
+    from cir.compressor.train import default_train_config, train_compressor
+
+    over = {"device": cfg.device, "seed": cfg.seed}
+    if cfg.steps_compressor:
+        over["steps"] = cfg.steps_compressor
+    return train_compressor(data, work / "compressor", preset=cfg.preset, tokenizer=tok,
+                            train_cfg=default_train_config(cfg.preset, **over), on_log=on_log)
+
+
+def _train_lm(work: Path, data: Path, tok: Path, cfg: MountConfig, on_log: Event | None):
+    from cir.experts.train import train_expert
+
+    from cir.train import TrainConfig
+
+    settings = {**LM_TRAIN[cfg.preset], "device": cfg.device, "seed": cfg.seed}
+    if cfg.steps_lm:
+        settings["steps"] = cfg.steps_lm
+    return train_expert(data, work / "lm", arch=cfg.lm_arch, preset=LM_PRESET[cfg.preset],
+                        tokenizer=tok, train_cfg=TrainConfig(**settings), on_log=on_log)
+
+
+def held_out(data: Path, max_chunks: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``max_chunks`` chunks of ``split`` (falling back to ``test`` then ``train``)."""
+    from cir.data import open_dataset
+
+    for name in (split, "test", "train"):
+        ds = open_dataset(data, name)
+        if len(ds):
+            return ds.get_batch(np.arange(min(len(ds), max_chunks)))
+    raise ValueError(f"{data}: no chunks to calibrate on")
+
+
+def _calibrate(work: Path, data: Path, cfg: MountConfig) -> dict[str, Any]:
+    from cir.checkpoint import load_checkpoint
+
+    model = load_checkpoint(work / "compressor")
+    ids, mask = held_out(data, cfg.calib_chunks)
+    return calibrate(model, ids, mask, quantile=cfg.quantile, margin=cfg.margin)
+
+
+def _meta(source: Any, data: Path, cfg: MountConfig, results: dict[str, Any]) -> dict[str, Any]:
+    manifest = json.loads((data / "manifest.json").read_text())
+    return {
+        "domain": results["name"],
+        "source": source if isinstance(source, str) else [str(s) for s in source],
+        "corpus_fingerprint": sha256_file(data / "manifest.json"),
+        "corpus": {k: manifest.get(k) for k in ("splits", "skipped", "seq_len", "vocab_size")},
+        "mount_config": asdict(cfg),
+        "train": {k: v for k, v in results.items() if k != "name"},
+    }
+
+
+def mount(
+    registry: Registry,
+    name: str,
+    source: Any,
+    cfg: MountConfig | None = None,
+    on_event: Event | None = None,
+) -> MountResult:
+    """Build, train, calibrate and register expert ``name`` from ``source``."""
+    cfg = cfg or MountConfig()
+    work = registry.work_dir(name)
+    if name in registry:
+        raise ExpertExistsError(f"an expert named {name!r} is already mounted (unmount it first)")
+    work.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with filelock.FileLock(str(work) + ".lock", timeout=0):
+            return _mount_locked(registry, name, source, cfg, work, on_event or (lambda e: None))
+    except filelock.Timeout:
+        raise RegistryError(f"a mount of {name!r} is already running in {registry.root}") from None
+
+
+def _mount_locked(
+    registry: Registry, name: str, source: Any, cfg: MountConfig, work: Path, emit: Event
+) -> MountResult:
+    if name in registry:  # finished by a concurrent mount while we waited
+        raise ExpertExistsError(f"an expert named {name!r} is already mounted")
+    registry.cleanup()
+    resumed = work.exists()
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    emit({"stage": "corpus", "name": name})
+    data = build_corpus(registry, work, source, cfg)
+    timings["corpus_s"] = time.perf_counter() - t
+    tok = registry.tokenizer_path
+
+    def log(stage: str) -> Event:
+        return lambda rec: emit({"stage": stage, "name": name, **rec})
+
+    t = time.perf_counter()
+    emit({"stage": "compressor", "name": name})
+    comp = _train_compressor(work, data, tok, cfg, log("compressor"))
+    timings["compressor_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    emit({"stage": "lm", "name": name})
+    lm = _train_lm(work, data, tok, cfg, log("lm"))
+    timings["lm_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    emit({"stage": "calibrate", "name": name})
+    calibration = _calibrate(work, data, cfg)
+    results = {"name": name, "compressor": {"steps": comp.step, "last": comp.last},
+               "lm": {"steps": lm.step, "last": lm.last, "arch": cfg.lm_arch}}
+    info = registry.add_expert(name, work / "compressor", work / "lm", calibration,
+                               _meta(source, data, cfg, results))
+    timings["calibrate_register_s"] = time.perf_counter() - t
+    shutil.rmtree(work, ignore_errors=True)
+    emit({"stage": "done", "name": name})
+    return MountResult(info, timings, resumed)

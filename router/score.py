@@ -1,0 +1,224 @@
+"""Score files: tokenize with the registry tokenizer, chunk, route every chunk.
+
+What happens to each kind of input (``FileReport.status`` / ``reason``):
+
+============================  ===========================================================
+input                         outcome
+============================  ===========================================================
+missing path                  ``error``, ``not found``
+unreadable (permissions, ...)  ``error``, ``unreadable: <why>``
+directory                     ``skipped``, ``directory`` (pass its files, e.g. ``dir/*``)
+empty file (0 bytes)          ``skipped``, ``empty``
+whitespace only               ``skipped``, ``whitespace only``
+binary (NUL in first 8 KiB)   ``skipped``, ``binary``
+not valid UTF-8 (Latin-1, a   scored: decoded with U+FFFD replacement, and a warning
+stray byte in the middle)     ``not valid UTF-8 ...`` says where the first bad byte is
+shorter than one chunk        scored: one chunk, the tail padded and masked
+huge file                     scored: streamed a few MiB at a time (bounded memory);
+                              only per-chunk scores (a few numbers per 512 tokens) are kept
+``-``                         standard input, read whole, then as a file
+============================  ===========================================================
+
+One bad file never stops the others; the caller decides the exit status (the CLI fails
+only when no file could be scored).
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from cir.router.routing import Routable, RouteResult, route_chunks, seq_len_of
+
+SNIFF_BYTES = 8192
+READ_BYTES = 4 * 2**20
+STDIN = "-"
+
+
+@dataclass
+class FileReport:
+    """The outcome of scoring one input: ``ok`` (with ``result``), ``skipped`` or ``error``."""
+
+    path: str
+    status: str
+    reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    n_bytes: int | None = None
+    result: RouteResult | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self, per_chunk: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "path": self.path, "status": self.status, "reason": self.reason,
+            "warnings": self.warnings, "bytes": self.n_bytes,
+        }
+        if self.result is not None:
+            res = self.result
+            out.update(
+                n_chunks=len(res),
+                n_tokens=int(res.n_tokens.sum()),
+                decision=res.decision(),
+                experts=res.expert_means(),
+                thresholds=dict(zip(res.names, res.thresholds, strict=True)),
+                segments=[s.__dict__ for s in res.segments()],
+            )
+            if per_chunk:
+                out["chunks"] = res.chunk_records()
+        return out
+
+
+@dataclass
+class _Sniff:
+    """What a pass over the bytes found: binary, whitespace only, first invalid UTF-8."""
+
+    n_bytes: int = 0
+    binary: bool = False
+    blank: bool = True
+    bad_utf8_at: int | None = None
+
+
+def sniff(blocks: Iterable[bytes]) -> _Sniff:
+    """Classify a byte stream in one pass, in bounded memory."""
+    info = _Sniff()
+    strict = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    loose = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for block in blocks:
+        if info.n_bytes < SNIFF_BYTES and b"\x00" in block[: SNIFF_BYTES - info.n_bytes]:
+            info.binary = True
+            return info
+        if info.bad_utf8_at is None:
+            try:
+                text = strict.decode(block)
+            except UnicodeDecodeError as exc:
+                info.bad_utf8_at = info.n_bytes + exc.start
+                text = loose.decode(block)
+        else:
+            text = loose.decode(block)
+        info.blank = info.blank and not text.strip()
+        info.n_bytes += len(block)
+    if info.bad_utf8_at is None:
+        try:
+            strict.decode(b"", final=True)
+        except UnicodeDecodeError:
+            info.bad_utf8_at = info.n_bytes - 1
+    return info
+
+
+def _file_blocks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while block := f.read(READ_BYTES):
+            yield block
+
+
+def _verdict(info: _Sniff) -> tuple[str | None, list[str]]:
+    """``(skip reason or None, warnings)`` for a sniffed input."""
+    if info.binary:
+        return "binary", []
+    if info.n_bytes == 0:
+        return "empty", []
+    if info.blank:
+        return "whitespace only", []
+    if info.bad_utf8_at is not None:
+        return None, [
+            f"not valid UTF-8 (first bad byte at offset {info.bad_utf8_at}): "
+            "decoded with U+FFFD replacement"
+        ]
+    return None, []
+
+
+ChunkStream = Iterator[tuple[np.ndarray, np.ndarray]]
+
+
+def _route_stream(
+    experts: list[Routable], chunks: ChunkStream, temperature: float, batch_size: int | None
+) -> RouteResult:
+    parts = []
+    for ids_np, lengths in chunks:
+        ids = torch.from_numpy(ids_np.astype(np.int64))  # [n, T]
+        mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]  # [n, T]
+        parts.append(route_chunks(experts, ids, mask, temperature, batch_size))
+    return RouteResult.cat(parts)
+
+
+def score_path(
+    path: str | os.PathLike,
+    experts: list[Routable],
+    tokenizer: Any,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+    stdin: BinaryIO | None = None,
+) -> FileReport:
+    """Score one file (``"-"`` = ``stdin``, default ``sys.stdin``); never raises for bad input."""
+    from cir.data.chunking import chunk_text, iter_text_chunks
+
+    name = str(path)
+    seq_len = seq_len_of(experts)
+    data: bytes | None = None
+    try:
+        if name == STDIN:
+            data = (stdin or sys.stdin.buffer).read()
+            info = sniff([data])
+        else:
+            p = Path(path)
+            if not p.exists():
+                return FileReport(name, "error", "not found")
+            if p.is_dir():
+                return FileReport(name, "skipped", "directory")
+            info = sniff(_file_blocks(p))
+    except OSError as exc:
+        return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
+    skip, warnings = _verdict(info)
+    if skip is not None:
+        return FileReport(name, "skipped", skip, n_bytes=info.n_bytes)
+    if data is not None:
+        chunks: ChunkStream = iter([chunk_text(data.decode("utf-8", "replace"), tokenizer, seq_len)])
+    else:
+        chunks = iter_text_chunks(p, tokenizer, seq_len, READ_BYTES)
+    try:
+        result = _route_stream(experts, chunks, temperature, batch_size)
+    except OSError as exc:
+        return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
+    return FileReport(name, "ok", None, warnings, info.n_bytes, result)
+
+
+def score_paths(
+    paths: Iterable[str | os.PathLike],
+    experts: list[Routable],
+    tokenizer: Any,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+    stdin: BinaryIO | None = None,
+    on_file: Callable[[FileReport], None] | None = None,
+) -> list[FileReport]:
+    """Score many inputs; each gets a report, whatever happens to the others."""
+    reports = []
+    for path in paths:
+        report = score_path(path, experts, tokenizer, temperature, batch_size, stdin)
+        reports.append(report)
+        if on_file is not None:
+            on_file(report)
+    return reports
+
+
+def score_text(
+    text: str,
+    experts: list[Routable],
+    tokenizer: Any,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+) -> RouteResult:
+    """Route an in-memory text (chunked like a file)."""
+    from cir.data.chunking import chunk_text
+
+    chunks = iter([chunk_text(text, tokenizer, seq_len_of(experts))])
+    return _route_stream(experts, chunks, temperature, batch_size)
