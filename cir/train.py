@@ -48,7 +48,15 @@ from cir.checkpoint import (
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
 # Fields that may change between a run and its resumption without changing the result.
-_RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "ckpt_every", "log_every", "compile"}
+_RESUMABLE_CHANGES = {
+    "steps",
+    "eval_every",
+    "eval_batches",
+    "ckpt_every",
+    "log_every",
+    "compile",
+    "max_wall_s",
+}
 
 LossFn = Callable[
     [nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -80,6 +88,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     peak_tflops: float = 989.0  # for MFU on CUDA; H100 SXM dense bf16
+    max_wall_s: float = 0.0  # > 0: stop (with a checkpoint) once a run has lasted this long
 
     def __post_init__(self) -> None:
         checks = [
@@ -107,6 +116,7 @@ class TrainResult:
     out_dir: Path
     step: int
     resumed_from: int
+    stopped_early: bool = False  # ended by max_wall_s or stop_at before cfg.steps
     last: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -355,10 +365,16 @@ def train(
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
+        if (
+            cfg.max_wall_s > 0
+            and done % cfg.log_every == 0
+            and _out_of_time(t_start, cfg, ddp, device)
+        ):
+            end = done  # out of wall time: log, evaluate and checkpoint this step, then stop
         log.tokens = log.tokens + mask.sum() * ddp.world  # stays on device: no sync per step
         if done % cfg.log_every == 0 or done == end:
             result.last = log.train(done, loss, metrics, lr, grad_norm)
-        if val_data is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+        if val_data is not None and (done % cfg.eval_every == 0 or done == end):
             result.last_eval = log.eval(done, evaluate(model, loss_fn, val_data, cfg, device))
         if done % cfg.ckpt_every == 0 or done == end:
             if ddp.main:
@@ -367,8 +383,19 @@ def train(
             if ddp.world > 1:
                 dist.barrier()
         result.step = done
+        if done >= end:
+            break
+    result.stopped_early = result.step < cfg.steps
     result.wall_s = time.perf_counter() - t_start
     return result
+
+
+def _out_of_time(t_start: float, cfg: TrainConfig, ddp: _Dist, device: torch.device) -> bool:
+    """Whether the wall-time budget is spent; every rank takes rank 0's answer."""
+    flag = torch.tensor([time.perf_counter() - t_start > cfg.max_wall_s], device=device)
+    if ddp.world > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 class _Logger:

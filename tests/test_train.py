@@ -120,3 +120,10 @@ def test_ddp_gloo_two_processes_matches_single(tmp_path):
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_wall_time_budget_stops_with_a_checkpoint(tmp_path):
+    res = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(steps=10_000, max_wall_s=1e-9))
+    assert res.stopped_early and res.step == 2  # checked at the first log step
+    again = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(steps=10_000, max_wall_s=1e-9))
+    assert again.resumed_from == 2 and again.step == 4
