@@ -332,3 +332,46 @@ def latent_plots(
     (out_dir / f"summary_{pooling}.json").write_text(
         json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+# ---------------------------------------------------------------- registry helpers
+
+DATA_META_KEYS = ("dataset", "dataset_path", "data", "domain")
+
+
+def expert_dataset(info: Any, overrides: dict[str, str] | None = None) -> str:
+    """The dataset (name or directory) an expert was trained on: ``overrides[name]`` or the
+    first of ``DATA_META_KEYS`` in its ``meta.json``."""
+    if overrides and info.name in overrides:
+        return overrides[info.name]
+    for key in DATA_META_KEYS:
+        value = info.meta.get(key)
+        if isinstance(value, str) and value:
+            return value
+    raise ValueError(f"{info.name}: meta.json does not say which dataset it was trained on; "
+                     f"give it as --data {info.name}=DATASET")
+
+
+def open_eval_dataset(spec: str, split: str, like: Any = None, n_random: int = 256) -> Any:
+    """Open ``spec`` at ``split``; ``random`` takes the shape of compressor ``like``."""
+    from cir.data import open_dataset
+
+    if spec == "random":
+        if like is None:
+            raise ValueError("the random dataset needs a compressor to take its shape from")
+        return open_dataset("random", split, vocab_size=like.config.vocab_size,
+                            seq_len=like.config.seq_len, n_chunks=n_random)
+    return open_dataset(spec, split)
+
+
+def registry_domains(registry: Any, overrides: dict[str, str] | None = None,
+                     names: Sequence[str] | None = None) -> dict[str, tuple[Any, str]]:
+    """``{expert: (Expert with its compressor loaded, dataset spec)}`` of a registry."""
+    loaded = registry.load(list(names) if names else None)
+    if loaded.errors:
+        name, err = loaded.errors[0]
+        raise ValueError(f"expert {name} cannot be loaded: {err}")
+    if not loaded.experts:
+        raise ValueError(f"registry {registry.root} has no experts; mount some first "
+                         "(route-cli quickstart)")
+    return {e.name: (e, expert_dataset(e.info, overrides)) for e in loaded.experts}

@@ -311,8 +311,15 @@ def take_chunks(datasets: Sequence[Any], max_chunks: int | None) -> Chunks:
 
 
 def recon_losses(compressors: Sequence[Any], ids: Any, mask: Any) -> np.ndarray:
-    """Reconstruction loss of every chunk under every compressor ``[N, K]``."""
-    return np.stack([c.score(ids, mask).loss.double().numpy() for c in compressors], axis=1)
+    """Reconstruction loss of every chunk under every compressor ``[N, K]``, scored by the
+    router itself (``cir.router.routing.route_chunks``)."""
+    from types import SimpleNamespace
+
+    from cir.router.routing import route_chunks
+
+    experts = [SimpleNamespace(name=str(i), threshold=None, compressor=c)
+               for i, c in enumerate(compressors)]
+    return route_chunks(experts, ids, mask).loss.double().numpy()  # [N, K]
 
 
 def lm_nll(lms: Sequence[Any], ids: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:

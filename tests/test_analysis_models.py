@@ -1,0 +1,186 @@
+"""Analysis on real (debug) models: TRA tables against a direct computation, latents,
+the latent index, routing features, and the CLI commands with ``--json``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cir.cli.main import app
+from typer.testing import CliRunner
+
+torch.set_num_threads(1)
+runner = CliRunner()
+
+
+def _train_compressor(data: Path, out: Path) -> Path:
+    from cir.compressor.train import default_train_config, train_compressor
+
+    cfg = default_train_config("debug", steps=25, eval_every=25, ckpt_every=25, log_every=25,
+                               device="cpu")
+    train_compressor(str(data), out, preset="debug", train_cfg=cfg)
+    return out
+
+
+def _random_lm(data: Path, tokenizer: Path, out: Path, seed: int) -> Path:
+    from cir.experts.registry import build_model
+
+    from cir.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model("tlinformer", "debug", vocab_size=512, seq_len=64)
+    return save_checkpoint(out, model, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_dataset, tiny_prose_dataset, tiny_tokenizer, tmp_path_factory) -> Path:
+    """A registry with a `code` and a `prose` expert (debug compressors, random LMs)."""
+    from cir.router.registry import Registry
+
+    root = tmp_path_factory.mktemp("analysis-registry")
+    reg = Registry(root / "registry")
+    reg.set_tokenizer(tiny_tokenizer)
+    for i, (name, data) in enumerate((("code", tiny_dataset), ("prose", tiny_prose_dataset))):
+        comp = _train_compressor(data, root / f"{name}-cmp")
+        lm = _random_lm(data, tiny_tokenizer, root / f"{name}-lm", seed=i)
+        reg.add_expert(name, comp, lm, calibration={"threshold": 0.0},
+                       meta={"dataset": str(data)})
+    return reg.root
+
+
+def test_tra_table_equals_a_direct_computation(registry, tiny_dataset, tiny_prose_dataset):
+    from cir.data import open_dataset
+    from cir.router.analysis import open_eval_dataset, table_to_csv, tra_table
+
+    from cir.checkpoint import load_checkpoint
+
+    model = load_checkpoint(registry / "code" / "compressor")
+    sets = {"code": ("in-domain", open_dataset(str(tiny_dataset), "test")),
+            "prose": ("semi-OOD", open_dataset(str(tiny_prose_dataset), "test")),
+            "random": ("full-OOD", open_eval_dataset("random", "test", like=model, n_random=16))}
+    rows = tra_table(model, sets, name="code")
+    assert [(r.dataset, r.role) for r in rows] == [(k, v[0]) for k, v in sets.items()]
+    for row, (_, data) in zip(rows, sets.values(), strict=True):
+        ids, mask = data.get_batch(np.arange(len(data)))
+        with torch.no_grad():
+            logits = model(ids, mask)  # [N, T, V]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+        correct = (logits.argmax(-1) == ids) & mask
+        assert row.chunks == len(data) and row.tokens == int(mask.sum())
+        assert row.tra == pytest.approx(float(correct.sum() / mask.sum()), abs=1e-6)
+        per_chunk = correct.sum(1) / mask.sum(1)
+        assert row.tra_chunk_mean == pytest.approx(float(per_chunk.double().mean()), abs=1e-6)
+        assert row.loss == pytest.approx(float(ce[mask].double().mean()), rel=1e-4)
+    assert table_to_csv(rows).count("\n") == 4
+    assert rows[0].tra > rows[2].tra  # trained on code: random tokens reconstruct worse
+
+
+def test_latent_index_of_a_dataset_finds_its_own_chunks(registry, tiny_dataset):
+    from cir.data import load_tokenizer, open_dataset
+    from cir.router.latent_index import build_index, encode_pooled
+
+    from cir.checkpoint import load_checkpoint
+
+    model = load_checkpoint(registry / "code" / "compressor")
+    data = open_dataset(str(tiny_dataset), "train")
+    tok = load_tokenizer(registry / "tokenizer.json")
+    index = build_index(model, data, pooling="mean", max_chunks=40, tokenizer=tok,
+                        dataset_name="code")
+    assert len(index) == min(40, len(data)) and index.meta[0]["text"]
+    entry = index.meta[5]
+    ids, mask = data.get_batch([entry["chunk"]])
+    dist, found = index.search(encode_pooled(model, ids, mask, "mean"), 1)
+    assert found[0, 0] == 5 and dist[0, 0] < 1e-3
+
+
+def test_routing_features_use_the_router_and_the_lm_perplexity(registry, tiny_dataset):
+    from cir.data import open_dataset
+    from cir.experts.evaluate import perplexity
+    from cir.router.baselines import Chunks, compute_features
+    from cir.router.registry import Registry
+
+    experts = Registry(registry).load().experts
+    data = open_dataset(str(tiny_dataset), "test")
+    ids, mask = data.get_batch(np.arange(min(6, len(data))))
+    comps = [e.compressor for e in experts]
+    lms = [e.lm() for e in experts]
+    fs = compute_features(Chunks(ids, mask, np.zeros(len(ids), int)), comps, lms, comps[0])
+    for k, c in enumerate(comps):
+        np.testing.assert_allclose(fs.feats["recon"][:, k], c.score(ids, mask).loss.numpy(),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(fs.feats["nll"][0][:, k],
+                                   perplexity(lms[k], ids, mask)["nll_sum"].numpy())
+    assert fs.feats["latent"].shape == (len(ids), comps[0].config.d_model)
+
+
+def _json(args: list[str]) -> dict:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_cli_table_matrix_and_single(registry, tiny_dataset, tmp_path):
+    out = _json(["analyze", "table", "--registry", str(registry), "--max-chunks", "8",
+                 "--csv", str(tmp_path / "t.csv"), "--json"])
+    cells = {(r["compressor"], r["dataset"]): r for r in out["rows"]}
+    assert set(cells) == {(c, d) for c in ("code", "prose") for d in ("code", "prose", "random")}
+    assert cells["code", "code"]["role"] == "in-domain"
+    assert cells["code", "prose"]["role"] == "semi-OOD"
+    assert cells["prose", "random"]["role"] == "full-OOD"
+    assert (tmp_path / "t.csv").read_text().startswith("compressor,dataset,role")
+    single = _json(["analyze", "table", "--compressor", str(registry / "code" / "compressor"),
+                    "--in-domain", str(tiny_dataset), "--max-chunks", "8", "--json"])
+    assert single["rows"][0]["tra"] == pytest.approx(cells["code", "code"]["tra"])
+    md = runner.invoke(app, ["analyze", "table", "--compressor",
+                             str(registry / "code" / "compressor"), "--in-domain",
+                             str(tiny_dataset), "--max-chunks", "4", "--markdown"])
+    assert md.exit_code == 0 and md.stdout.startswith("| compressor |")
+    bad = runner.invoke(app, ["analyze", "table", "--compressor", str(tmp_path)])
+    assert bad.exit_code == 2 and "error" in bad.output.lower()
+
+
+def test_cli_plot_writes_pngs_and_summary(registry, tiny_dataset, tiny_prose_dataset, tmp_path):
+    out = _json(["analyze", "plot", "--compressor", str(registry / "code" / "compressor"),
+                 "--data", str(tiny_dataset), "--data", str(tiny_prose_dataset),
+                 "--data", "random", "--method", "pca", "--method", "tsne",
+                 "--pooling", "mean", "--max-chunks", "20", "--out", str(tmp_path), "--json"])
+    s = out["summary"]
+    assert len(s["domains"]) == 3 and 0.0 <= s["linear_separability"] <= 1.0
+    assert -1.0 <= s["silhouette"] <= 1.0 and 1 <= s["pca_components_95"] <= s["dim"]
+    for m in ("pca", "tsne"):
+        png = Path(out["plots"][m])
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+        assert Path(out["coords"][m]).is_file()
+
+
+def test_cli_index_build_and_explain(registry, tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def total_items(total, items=None):\n    return total + items\n" * 8)
+    built = _json(["index", "build", "--registry", str(registry), "--max-chunks", "30",
+                   "--out", str(tmp_path / "idx"), "--json"])
+    assert {b["expert"] for b in built["indexes"]} == {"code", "prose"}
+    out = _json(["explain", str(sample), "--registry", str(registry), "--index",
+                 str(tmp_path / "idx"), "--k", "2", "--json"])
+    first = out["chunks"][0]
+    assert first["route"] in ("code", "prose")
+    for e in first["experts"].values():
+        assert len(e["neighbours"]) == 2 and math.isfinite(e["loss"])
+        assert e["neighbours"][0]["distance"] <= e["neighbours"][1]["distance"]
+        assert e["neighbours"][0]["text"]
+
+
+def test_cli_bench_routing(registry, tiny_corpus):
+    out = _json(["bench", "routing", "--registry", str(registry), "--max-train", "30",
+                 "--max-test", "10", "--json"])
+    methods = {r["method"]: r for r in out["methods"]}
+    assert set(methods) == {"reconstruction", "likelihood", "gate-emb", "gate-tfidf",
+                            "tfidf-kmeans", "mahalanobis", "knn-latent"}
+    for r in methods.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["ms_per_chunk"] > 0
+        assert 0.0 <= r["ood"]["random"]["auroc"] <= 1.0
+    assert methods["reconstruction"]["on_mount"].startswith("nothing retrained")
+    assert out["mount"] == []  # two domains: no mount experiment
