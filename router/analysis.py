@@ -336,20 +336,48 @@ def latent_plots(
 
 # ---------------------------------------------------------------- registry helpers
 
-DATA_META_KEYS = ("dataset", "dataset_path", "data", "domain")
+DATA_META_KEYS = ("dataset", "dataset_path", "data")
 
 
-def expert_dataset(info: Any, overrides: dict[str, str] | None = None) -> str:
-    """The dataset (name or directory) an expert was trained on: ``overrides[name]`` or the
-    first of ``DATA_META_KEYS`` in its ``meta.json``."""
+def expert_dataset(registry: Any, info: Any, overrides: dict[str, str] | None = None) -> str:
+    """The dataset (name or directory) of an expert's domain: ``overrides[name]``, a dataset
+    named in its ``meta.json``, or its corpus rebuilt from the recorded ``source`` with the
+    registry tokenizer (cached under ``$CIR_HOME/analysis/corpora``; the train/val/test
+    split is a stable hash of each document, so held-out chunks stay held out)."""
     if overrides and info.name in overrides:
         return overrides[info.name]
     for key in DATA_META_KEYS:
         value = info.meta.get(key)
         if isinstance(value, str) and value:
             return value
-    raise ValueError(f"{info.name}: meta.json does not say which dataset it was trained on; "
-                     f"give it as --data {info.name}=DATASET")
+    source = info.meta.get("source")
+    if not source:
+        raise ValueError(f"{info.name}: meta.json names neither a dataset nor a source; "
+                         f"give it as --data {info.name}=DATASET")
+    return str(rebuild_corpus(registry, info))
+
+
+def rebuild_corpus(registry: Any, info: Any) -> Path:
+    """Rebuild (once) the chunk dataset a mounted expert was trained on."""
+    from cir.data import build_dataset
+
+    from cir.paths import cir_home
+
+    corpus = info.meta.get("corpus") or {}
+    mount_cfg = info.meta.get("mount_config") or {}
+    key = str(info.meta.get("corpus_fingerprint", ""))[:12] or "nofp"
+    out = cir_home() / "analysis" / "corpora" / f"{info.name}-{key}"
+    if not (out / "manifest.json").is_file():
+        seq_len = int(corpus.get("seq_len") or info_seq_len(info))
+        build_dataset(out, info.meta["source"], tokenizer=registry.tokenizer_path,
+                      seq_len=seq_len, max_tokens=mount_cfg.get("max_tokens"), overwrite=True)
+    return out
+
+
+def info_seq_len(info: Any) -> int:
+    from cir.checkpoint import read_config
+
+    return int(read_config(info.checkpoint("compressor"))[1].seq_len)
 
 
 def open_eval_dataset(spec: str, split: str, like: Any = None, n_random: int = 256) -> Any:
@@ -374,4 +402,4 @@ def registry_domains(registry: Any, overrides: dict[str, str] | None = None,
     if not loaded.experts:
         raise ValueError(f"registry {registry.root} has no experts; mount some first "
                          "(route-cli quickstart)")
-    return {e.name: (e, expert_dataset(e.info, overrides)) for e in loaded.experts}
+    return {e.name: (e, expert_dataset(registry, e.info, overrides)) for e in loaded.experts}

@@ -184,3 +184,24 @@ def test_cli_bench_routing(registry, tiny_corpus):
         assert 0.0 <= r["ood"]["random"]["auroc"] <= 1.0
     assert methods["reconstruction"]["on_mount"].startswith("nothing retrained")
     assert out["mount"] == []  # two domains: no mount experiment
+
+
+def test_expert_dataset_rebuilds_a_mounted_corpus_from_its_source(
+        registry, tiny_corpus, tiny_dataset):
+    from types import SimpleNamespace
+
+    from cir.data import open_dataset
+    from cir.router.analysis import expert_dataset
+    from cir.router.registry import Registry
+
+    reg = Registry(registry)
+    info = SimpleNamespace(name="code2", meta={"source": str(tiny_corpus / "code"),
+                                               "corpus": {"seq_len": 64},
+                                               "corpus_fingerprint": "abc"})
+    rebuilt = open_dataset(expert_dataset(reg, info), "test")
+    want = open_dataset(str(tiny_dataset), "test")
+    assert len(rebuilt) == len(want)
+    np.testing.assert_array_equal(rebuilt.get_batch([0])[0], want.get_batch([0])[0])
+    assert expert_dataset(reg, info, {"code2": "elsewhere"}) == "elsewhere"
+    with pytest.raises(ValueError, match="--data nosrc=DATASET"):
+        expert_dataset(reg, SimpleNamespace(name="nosrc", meta={}))
