@@ -168,7 +168,8 @@ def _listing(source: str, filesets: Iterable[FileSet]) -> list[tuple[str, Path]]
             seen.add(real)
             rel = path.relative_to(fs.root).as_posix()
             items.append((f"{source}:{fs.label}/{rel}" if fs.label else f"{source}:{rel}", path))
-    items.sort(key=lambda item: (stable_unit(item[0]), item[0]))
+    # salted: the order must be independent of the split hash, or a prefix would be all val
+    items.sort(key=lambda item: (stable_unit("order:" + item[0]), item[0]))
     return items
 
 
