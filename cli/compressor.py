@@ -45,6 +45,7 @@ def train_cmd(
     batch_size: int | None = typer.Option(None, help="Chunks per step (default: the preset's)."),
     lr: float | None = typer.Option(None, help="Peak learning rate (default: the preset's)."),
     seed: int = typer.Option(0, help="Seed of the initialisation and the batch order."),
+    max_minutes: float = typer.Option(0.0, help="Stop (with a checkpoint) after this long; 0 = no limit."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     set_: list[str] = typer.Option([], "--set", help="Model config override key=value."),
@@ -58,6 +59,7 @@ def train_cmd(
 
     given = {"steps": steps, "batch_size": batch_size, "lr": lr}
     cfg = default_train_config(preset, seed=seed, compile=compile_, device=device,
+                               max_wall_s=60.0 * max_minutes,
                                **{k: v for k, v in given.items() if v is not None})
     with progress(disable=as_json) as bar:
         task = bar.add_task(f"train compressor ({preset})", total=cfg.steps, info="")
@@ -69,7 +71,8 @@ def train_cmd(
         result = train_compressor(data, out, preset=preset, train_cfg=cfg,
                                   overrides=_overrides(set_), on_log=on_log)
     payload = {"out_dir": str(result.out_dir), "step": result.step,
-               "resumed_from": result.resumed_from, "last": result.last,
+               "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
+               "last": result.last,
                "last_eval": result.last_eval, "wall_s": result.wall_s}
     if as_json:
         print_json(payload)

@@ -1,0 +1,80 @@
+"""Compressor on the shared tiny datasets: library training and the CLI (train, resume, eval)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from cir.cli.main import app
+from cir.compressor.train import default_train_config, train_compressor
+from typer.testing import CliRunner
+
+from cir.checkpoint import load_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared machine run far faster on one thread than on two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_on_tiny_dataset(tiny_dataset, tmp_path):
+    logs: list[dict] = []
+    cfg = default_train_config("debug", steps=60, device="cpu")
+    result = train_compressor(str(tiny_dataset), tmp_path / "c", preset="debug", train_cfg=cfg,
+                              on_log=logs.append)
+    losses = [r["loss"] for r in logs if r["event"] == "train"]
+    assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 1.0
+    model = load_checkpoint(tmp_path / "c")
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    assert model.config.vocab_size == manifest["vocab_size"]  # follows the dataset
+    assert model.config.seq_len == manifest["seq_len"]
+    assert (tmp_path / "c" / "tokenizer.json").read_bytes() == (
+        tiny_dataset / "tokenizer.json").read_bytes()
+    assert result.step == 60
+
+
+def _invoke(*args: str):
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_cli_train_resume_eval(tiny_dataset, tiny_prose_dataset, tmp_path):
+    out = str(tmp_path / "ck")
+    common = ["compressor", "train", "--data", str(tiny_dataset), "--out", out,
+              "--preset", "debug", "--device", "cpu", "--json"]
+    first = _invoke(*common, "--steps", "300")
+    assert first["step"] == 300 and first["resumed_from"] == 0
+    again = _invoke(*common, "--steps", "300")  # same command: resumes, nothing left to do
+    assert again["resumed_from"] == 300 and again["step"] == 300
+    ev = _invoke("compressor", "eval", out, "--data", str(tiny_dataset), "--data",
+                 str(tiny_prose_dataset), "--data", "random", "--split", "train", "--json")
+    rows = {r["name"]: r for r in ev["rows"]}
+    code, prose, rnd = (rows[str(tiny_dataset)], rows[str(tiny_prose_dataset)], rows["random"])
+    assert rnd["tra"] < 0.05 < code["tra"]
+    assert code["loss"] < prose["loss"] < rnd["loss"]
+    assert set(ev["auroc_vs_first"]) == {str(tiny_prose_dataset), "random"}
+    assert ev["auroc_vs_first"]["random"] > 0.99
+
+
+def test_cli_eval_markdown(tiny_dataset, tmp_path):
+    from cir.compressor.model import Compressor, CompressorConfig
+
+    from cir.checkpoint import save_checkpoint
+
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    model = Compressor(CompressorConfig.from_name(
+        "debug", vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"]))
+    save_checkpoint(tmp_path / "m", model)
+    res = CliRunner().invoke(app, ["compressor", "eval", str(tmp_path / "m"), "--data",
+                                   str(tiny_dataset), "--split", "train", "--markdown",
+                                   "--max-chunks", "5"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("| dataset |") and len(lines) == 3 and "| 5 |" in lines[2]
