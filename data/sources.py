@@ -305,9 +305,12 @@ def python_docs(opts: ReadOptions) -> Iterator[Document]:
     yield from file_documents("python-docs", _python_filesets(_is_doc), opts, _clean_doc)
 
 
+INCLUDE_ROOT = Path("/usr/include")
+
+
 def c_code(opts: ReadOptions) -> Iterator[Document]:
     """C headers under ``/usr/include``."""
-    fs = FileSet(Path("/usr/include"), "include", lambda p: p.suffix == ".h")
+    fs = FileSet(INCLUDE_ROOT, "include", lambda p: p.suffix == ".h")
     return file_documents("c-code", [fs], opts)
 
 
@@ -364,7 +367,7 @@ SOURCES: dict[str, SourceInfo] = {
     ),
     "c-code": SourceInfo(
         "c-code", "C headers under /usr/include", c_code,
-        lambda: any(Path("/usr/include").glob("*.h")),
+        lambda: INCLUDE_ROOT.is_dir() and any(INCLUDE_ROOT.glob("*.h")),
     ),
     "man-pages": SourceInfo(
         "man-pages", "man pages under /usr/share/man, roff stripped", man_pages,
