@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -210,19 +211,28 @@ class Compressor(nn.Module):
             x = block(x, key_mask)
         return self.enc_norm(x[:, :L])  # [B, L, D]
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents ``z [B, L, D]`` -> logits ``[B, seq_len, V]``; sees nothing but z."""
+    def decode(self, z: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents ``z [B, L, D]`` -> logits ``[B, seq_len, V]``; sees nothing but z.
+
+        ``positions [P]`` restricts the LM head to those positions (``[B, P, V]``); the
+        decoder layers still run every position query, so the logits there are unchanged."""
         B, L, _ = z.shape
         m = self.pos_queries.expand(B, -1, -1)  # [B, S, D]
         x = self.drop(torch.cat([z, m], dim=1))  # [B, L+S, D]
         for block in self.decoder:
             x = block(x)
-        h = self.dec_norm(x[:, L:])  # [B, S, D]
-        return h @ self.tok_emb.weight.T  # [B, S, V], tied head
+        h = x[:, L:] if positions is None else x[:, L + positions]  # [B, S or P, D]
+        return self.dec_norm(h) @ self.tok_emb.weight.T  # [B, S or P, V], tied head
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Reconstruction logits ``[B, T, V]`` for ``ids, mask [B, T]``."""
-        return self.decode(self.encode(ids, mask))[:, : ids.shape[1]]
+    def forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Reconstruction logits ``[B, T, V]`` for ``ids, mask [B, T]`` (``[B, P, V]`` at
+        ``positions [P]`` when given: cheaper training, the head being the largest matmul)."""
+        z = self.encode(ids, mask)
+        if positions is not None:
+            return self.decode(z, positions)
+        return self.decode(z)[:, : ids.shape[1]]
 
     def default_score_batch(self) -> int:
         """Chunks per scoring pass so that one pass's logits stay near 512 MiB (fp32)."""
@@ -288,10 +298,42 @@ def loss_fn(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Reconstruction cross-entropy over real tokens (for ``cir.train.train``), plus TRA."""
-    mask = mask.bool()
-    logits = model(ids, mask).float()  # [B, T, V]
+    return _reconstruction_loss(model(ids, mask), ids, mask.bool())
+
+
+def _reconstruction_loss(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    logits = logits.float()  # [B, T, V]
     target = ids.masked_fill(~mask, -100)  # [B, T]
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
     with torch.no_grad():
         tra = (logits.argmax(-1) == ids)[mask].float().mean()
     return loss, {"tra": tra}
+
+
+def sampled_loss_fn(fraction: float) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """A training loss on a random ``fraction`` of positions (the same for the whole batch).
+
+    An unbiased estimate of ``loss_fn`` that skips most of the LM head, the costliest
+    matmul of a small model with a large vocabulary. Positions are drawn from torch's
+    global RNG, which the trainer checkpoints, so resuming stays bit-identical; in eval
+    mode the exact loss is returned."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"loss fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return loss_fn
+
+    def fn(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+        if not model.training:  # validation: the exact loss, and no RNG draw
+            return loss_fn(model, ids, mask)
+        T = ids.shape[1]
+        n = max(1, round(fraction * T))
+        pos = torch.randperm(T)[:n].sort().values.to(ids.device)  # [P]
+        logits = model(ids, mask, pos)  # [B, P, V]
+        sub_mask = mask.bool()[:, pos]  # [B, P]
+        if not sub_mask.any():  # all drawn positions are padding: fall back to all of them
+            return loss_fn(model, ids, mask)
+        return _reconstruction_loss(logits, ids[:, pos], sub_mask)
+
+    return fn

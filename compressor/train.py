@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cir.compressor.model import Compressor, CompressorConfig, loss_fn
+from cir.compressor.model import Compressor, CompressorConfig, sampled_loss_fn
 
 from cir.train import TrainConfig, TrainResult, train
 
@@ -26,6 +26,10 @@ _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "paper": dict(steps=50_000, batch_size=64, lr=3e-4, warmup_steps=1000, eval_every=1000,
                   ckpt_every=1000),
 }
+
+
+# Share of positions the training loss is taken on (the LM head dominates small models).
+_LOSS_FRACTION: dict[str, float] = {"debug": 1.0, "small": 0.25, "base": 1.0, "paper": 1.0}
 
 
 def default_train_config(preset: str, **overrides: Any) -> TrainConfig:
@@ -91,17 +95,21 @@ def train_compressor(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     val_data: Any = None,
     stop_at: int | None = None,
+    loss_fraction: float | None = None,
 ) -> TrainResult:
     """Train a ``preset`` compressor on ``data`` (dataset name, directory or opened
     ``ChunkDataset``); validation on its ``val`` split when there is one. ``stop_at``
-    ends early after that step, checkpoint included (as a kill would)."""
+    ends early after that step, checkpoint included (as a kill would). ``loss_fraction``
+    takes the training loss on that share of positions (default: the preset's); keep it
+    the same when resuming."""
     train_data = open_split(data, "train")
     cfg = train_cfg or default_train_config(preset)
     torch_seed_model(cfg.seed)
     model = build_compressor(preset, train_data, **(overrides or {}))
+    fraction = _LOSS_FRACTION.get(preset, 1.0) if loss_fraction is None else loss_fraction
     return train(
         model,
-        loss_fn,
+        sampled_loss_fn(fraction),
         train_data,
         out_dir,
         cfg,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from cir.compressor.model import Compressor, CompressorConfig, loss_fn
+from cir.compressor.model import Compressor, CompressorConfig, loss_fn, sampled_loss_fn
 
 from cir.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -171,3 +171,32 @@ def test_dropout_only_in_training():
     a, b = m.score(ids, mask), m.score(ids, mask)
     assert torch.equal(a.loss, b.loss)
     assert not m.training
+
+
+def test_positions_restrict_the_head_only():
+    m = _model()
+    ids, mask = _batch(m.config)
+    pos = torch.tensor([0, 3, 7, 20])
+    full = m(ids, mask)
+    torch.testing.assert_close(m(ids, mask, pos), full[:, pos], rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_loss():
+    m = _model()
+    ids, mask = _batch(m.config)
+    assert sampled_loss_fn(1.0) is loss_fn
+    with pytest.raises(ValueError, match="fraction"):
+        sampled_loss_fn(0.0)
+    fn = sampled_loss_fn(0.25)
+    exact, _ = loss_fn(m, ids, mask)
+    torch.testing.assert_close(fn(m, ids, mask)[0], exact)  # eval mode: exact loss
+    m.train()
+    torch.manual_seed(0)
+    draws = torch.stack([fn(m, ids, mask)[0] for _ in range(100)])
+    assert draws.std() > 0  # different positions each call
+    # unbiased up to the token weighting of a batch: the mean lands near the exact loss
+    assert abs(draws.mean() - exact) < 0.05 * exact
+    torch.manual_seed(1)
+    a = fn(m, ids, mask)[0]
+    torch.manual_seed(1)
+    assert torch.equal(a, fn(m, ids, mask)[0])  # positions come from the global RNG

@@ -74,12 +74,14 @@ def test_train_decreases_loss(trained):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    data = Chunks(64, seed=3)
-    full = train_compressor(data, tmp_path / "full", preset="debug", train_cfg=_cfg(steps=30))
-    first = train_compressor(data, tmp_path / "cut", preset="debug", train_cfg=_cfg(steps=30),
-                             stop_at=13)  # killed after step 13 (checkpoint at 13)
+    # sampled-position loss and validation (at the kill too) must not break bit-identity
+    data, val = Chunks(64, seed=3), Chunks(16, seed=4)
+    kw = dict(preset="debug", val_data=val, loss_fraction=0.5)
+    full = train_compressor(data, tmp_path / "full", train_cfg=_cfg(steps=30), **kw)
+    first = train_compressor(data, tmp_path / "cut", train_cfg=_cfg(steps=30), stop_at=13,
+                             **kw)  # killed after step 13 (checkpoint at 13)
     assert first.step == 13
-    second = train_compressor(data, tmp_path / "cut", preset="debug", train_cfg=_cfg(steps=30))
+    second = train_compressor(data, tmp_path / "cut", train_cfg=_cfg(steps=30), **kw)
     assert second.resumed_from == 13 and second.step == full.step == 30
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model.safetensors"))
