@@ -39,18 +39,25 @@ def chunk_text(text: str, tokenizer: Tokenizer, seq_len: int = DEFAULT_SEQ_LEN) 
     return chunk_ids(encode(tokenizer, text), seq_len)
 
 
-# A newline between two non-space characters ends a pre-token on both sides under the
-# byte-level BPE regex, so cutting there tokenises both pieces exactly as the whole text.
-_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+# Under the byte-level BPE pre-tokeniser a whitespace run W before a visible character c
+# splits as W[:-1] | W[-1]c (or W[-1] | c), so cutting just before W[-1] tokenises both
+# pieces exactly as the whole text. We cut only in runs holding a newline.
+_SAFE_CUT = re.compile(r"\n[ \t\r\f\v\n]*(?=[!-~])")
 
 
-def _cut_point(text: str) -> int:
-    """Index after the last newline where the text can be cut without changing tokens."""
+def _cut_point(text: str, force: bool) -> int:
+    """Where to cut: after the last safe newline; 0 (wait for more text) when there is none.
+
+    With ``force`` (the carried text grew too long) fall back to the last newline, or to the
+    end: tokens may then differ slightly at that one boundary, memory stays bounded.
+    """
     last = None
     for m in _SAFE_CUT.finditer(text, max(0, len(text) - 2**20)):
         last = m
     if last is not None:
-        return last.end()
+        return last.end() - 1
+    if not force:
+        return 0
     nl = text.rfind("\n")
     return nl + 1 if nl >= 0 else len(text)
 
@@ -62,7 +69,7 @@ def _text_pieces(path: str | os.PathLike, max_bytes_per_read: int) -> Iterator[s
     with open(path, "rb") as f:
         while block := f.read(max_bytes_per_read):
             text = carry + decoder.decode(block)
-            cut = _cut_point(text)
+            cut = _cut_point(text, force=len(text) > 4 * max_bytes_per_read)
             piece, carry = text[:cut], text[cut:]
             if piece:
                 yield piece
@@ -79,8 +86,10 @@ def iter_text_chunks(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream a file of any size as chunk arrays ``(ids int64 [n, T], lengths int32 [n])``.
 
-    Memory stays around ``max_bytes_per_read``; the concatenation of everything yielded
-    equals ``chunk_text(whole file)`` (invalid UTF-8 is replaced by U+FFFD).
+    Memory stays within a few ``max_bytes_per_read``. Pieces are cut at newlines between two
+    non-space characters, so the concatenation of everything yielded equals
+    ``chunk_text(whole file)`` (invalid UTF-8 is replaced by U+FFFD) unless no such newline
+    occurs within 4 reads.
     """
     if max_bytes_per_read < 1:
         raise ValueError("max_bytes_per_read must be >= 1")

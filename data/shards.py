@@ -184,6 +184,8 @@ def _encode_all(
         encodings = tok.encode_batch([d.text for d in batch], add_special_tokens=False)
         for doc, enc in zip(batch, encodings, strict=True):
             writers[split_of(doc.id)].add(len(doc.text.encode("utf-8", "surrogatepass")), enc.ids)
+            if max_tokens is not None and writers["train"].tokens >= max_tokens:
+                break
         if on_progress is not None:
             on_progress(_progress_counts(writers))
         if max_tokens is not None and writers["train"].tokens >= max_tokens:

@@ -1,0 +1,217 @@
+"""Chunk shards: build, zero-copy read, masks, manifest, packing, interrupted builds, chunking text."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from cir.data import shards
+from cir.data.chunking import chunk_ids, chunk_text, iter_text_chunks
+from cir.data.shards import build_dataset, dataset_summary, open_dataset
+from cir.data.sources import iter_documents
+from cir.data.split import SPLITS, split_of
+from cir.data.tokenizer import EOS_ID, PAD_ID, decode, encode, load_tokenizer, tokenizer_hash
+
+from cir.paths import datasets_dir
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer):
+    return load_tokenizer(tiny_tokenizer)
+
+
+def _doc_chunks(tok, docs, split):
+    """Reference: per-document chunking of one split, in source order."""
+    parts = [chunk_ids(encode(tok, d.text), SEQ) for d in docs if split_of(d.id) == split]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def test_dataset_matches_per_document_reference(tiny_dataset, tiny_corpus, tok):
+    docs = list(iter_documents(str(tiny_corpus / "code")))
+    for split in SPLITS:
+        ds = open_dataset(tiny_dataset, split)
+        ids, lengths = _doc_chunks(tok, docs, split)
+        np.testing.assert_array_equal(np.asarray(ds.ids), ids)
+        np.testing.assert_array_equal(ds.lengths, lengths)
+        assert len(ds) == len(ids) and ds.seq_len == SEQ and ds.vocab_size == 512
+
+
+def test_read_is_zero_copy_memmap(tiny_dataset):
+    ds = open_dataset(tiny_dataset, "train")
+    assert isinstance(ds.ids, np.memmap) and ds.ids.dtype == np.uint16
+    assert ds.ids.shape == (len(ds), SEQ)
+    assert not ds.ids.flags.writeable
+    assert np.shares_memory(ds.ids[:3], ds.ids)
+
+
+def test_get_batch_ids_and_mask(tiny_dataset):
+    ds = open_dataset(tiny_dataset, "train")
+    idx = np.arange(len(ds))
+    ids, mask = ds.get_batch(idx)
+    assert ids.dtype == torch.long and mask.dtype == torch.bool and ids.shape == mask.shape == (len(ds), SEQ)
+    assert torch.equal(mask.sum(1), torch.as_tensor(ds.lengths, dtype=torch.long))
+    assert bool((ids[~mask] == PAD_ID).all()) and bool((ids[mask] != PAD_ID).all())
+    # padding only at the tail: once False, stays False
+    assert bool((mask[:, 1:] <= mask[:, :-1]).all())
+    assert (ds.lengths < SEQ).sum() > 0  # some documents end mid-chunk
+    one_ids, one_mask = ds.get_batch([5, 2])
+    assert torch.equal(one_ids, ids[[5, 2]]) and torch.equal(one_mask, mask[[5, 2]])
+
+
+def test_manifest_contents(tiny_dataset, tiny_tokenizer, tiny_corpus):
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    for key in ("name", "source", "seq_len", "vocab_size", "dtype", "tokenizer_sha256", "splits",
+                "skipped", "created_at", "format_version"):
+        assert key in manifest
+    assert manifest["tokenizer_sha256"] == tokenizer_hash(tiny_tokenizer) == tokenizer_hash(tiny_dataset / "tokenizer.json")
+    assert manifest["source"] == str(tiny_corpus / "code") and manifest["name"] == "tiny-code"
+    docs = list(iter_documents(str(tiny_corpus / "code")))
+    for split in SPLITS:
+        stats = manifest["splits"][split]
+        mine = [d for d in docs if split_of(d.id) == split]
+        assert stats["documents"] == len(mine)
+        assert stats["bytes"] == sum(len(d.text.encode()) for d in mine)
+        ds = open_dataset(tiny_dataset, split)
+        assert stats["tokens"] == int(ds.lengths.sum()) and stats["chunks"] == len(ds)
+    assert sum(manifest["splits"][s]["documents"] for s in SPLITS) == len(docs)
+    summary = dataset_summary(tiny_dataset)
+    held = [manifest["splits"][s] for s in ("val", "test")]
+    assert summary["heldout_bytes_per_token"] == pytest.approx(sum(h["bytes"] for h in held) / sum(h["tokens"] for h in held))
+
+
+def test_chunk_text_equals_dataset_chunks_of_one_file(tiny_corpus, tiny_tokenizer, tok, tmp_path):
+    path = sorted((tiny_corpus / "prose").rglob("*.txt"))[0]
+    out = build_dataset(tmp_path / "one", str(path), tokenizer=tiny_tokenizer, seq_len=SEQ)
+    split = next(s for s in SPLITS if out["splits"][s]["documents"])
+    ds = open_dataset(tmp_path / "one", split)
+    ids, lengths = chunk_text(path.read_text(), tok, SEQ)
+    assert ids.dtype == np.int64 and lengths.dtype == np.int32
+    np.testing.assert_array_equal(ids, np.asarray(ds.ids))
+    np.testing.assert_array_equal(lengths, ds.lengths)
+    assert decode(tok, ids.reshape(-1)[: lengths.sum()]) == path.read_text()
+
+
+def test_chunk_ids_shapes():
+    ids, lengths = chunk_ids(list(range(2, 12)), 4)
+    assert ids.tolist() == [[2, 3, 4, 5], [6, 7, 8, 9], [10, 11, 0, 0]] and lengths.tolist() == [4, 4, 2]
+    ids, lengths = chunk_ids([], 4)
+    assert ids.shape == (0, 4) and lengths.shape == (0,)
+
+
+def test_iter_text_chunks_streams_the_same_chunks(tok, tiny_corpus, tmp_path):
+    texts = [p.read_text() for p in sorted(tiny_corpus.rglob("*"))[:40] if p.is_file()]
+    text = "é中🙂 mixed\n".join(texts) + "tail without newline 中文"
+    path = tmp_path / "big.txt"
+    path.write_text(text)
+    want_ids, want_len = chunk_text(text, tok, SEQ)
+    for read in (97, 1000, 10**7):  # tiny reads split multi-byte characters too
+        parts = list(iter_text_chunks(path, tok, SEQ, max_bytes_per_read=read))
+        got_ids = np.concatenate([p[0] for p in parts])
+        got_len = np.concatenate([p[1] for p in parts])
+        np.testing.assert_array_equal(got_ids, want_ids)
+        np.testing.assert_array_equal(got_len, want_len)
+    assert len(list(iter_text_chunks(path, tok, SEQ, max_bytes_per_read=1000))) > 5
+
+
+def test_packed_build(tiny_corpus, tiny_tokenizer, tok, tmp_path):
+    manifest = build_dataset(tmp_path / "packed", str(tiny_corpus / "prose"), tokenizer=tiny_tokenizer, seq_len=SEQ, pack=True)
+    docs = list(iter_documents(str(tiny_corpus / "prose")))
+    ds = open_dataset(tmp_path / "packed", "train")
+    assert (ds.lengths[:-1] == SEQ).all() and 0 < ds.lengths[-1] <= SEQ  # only the split's tail is padded
+    flat = np.asarray(ds.ids).reshape(-1)[: int(ds.lengths.sum())].astype(np.int64)
+    want = np.concatenate([[*encode(tok, d.text), EOS_ID] for d in docs if split_of(d.id) == "train"])
+    np.testing.assert_array_equal(flat, want)
+    assert manifest["pack"] is True and manifest["splits"]["train"]["tokens"] == len(want) - manifest["splits"]["train"]["documents"]
+
+
+def test_max_tokens_stops_early(tiny_corpus, tiny_tokenizer, tmp_path):
+    full = build_dataset(tmp_path / "full", str(tiny_corpus), tokenizer=tiny_tokenizer, seq_len=SEQ)
+    part = build_dataset(tmp_path / "part", str(tiny_corpus), tokenizer=tiny_tokenizer, seq_len=SEQ, max_tokens=2000)
+    assert part["truncated"] and not full["truncated"]
+    assert 2000 <= part["splits"]["train"]["tokens"] < full["splits"]["train"]["tokens"]
+
+
+def test_trains_its_own_tokenizer_on_the_train_split(tiny_corpus, tmp_path):
+    manifest = build_dataset(tmp_path / "own", str(tiny_corpus / "code"), vocab_size=300, seq_len=SEQ)
+    assert manifest["vocab_size"] == 300
+    assert load_tokenizer(tmp_path / "own" / "tokenizer.json").get_vocab_size() == 300
+
+
+def test_interrupted_build_leaves_nothing(tiny_corpus, tiny_tokenizer, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_add = shards.SplitWriter.add
+
+    def exploding_add(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise RuntimeError("disk on fire")
+        return real_add(self, *args)
+
+    monkeypatch.setattr(shards.SplitWriter, "add", exploding_add)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        build_dataset(tmp_path / "ds", str(tiny_corpus), tokenizer=tiny_tokenizer, seq_len=SEQ)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_and_existing_target(tiny_corpus, tiny_tokenizer, tmp_path):
+    build_dataset(tmp_path / "ds", str(tiny_corpus / "code"), tokenizer=tiny_tokenizer, seq_len=SEQ)
+    with pytest.raises(FileExistsError):
+        build_dataset(tmp_path / "ds", str(tiny_corpus / "code"), tokenizer=tiny_tokenizer, seq_len=SEQ)
+    m = build_dataset(tmp_path / "ds", str(tiny_corpus / "prose"), tokenizer=tiny_tokenizer, seq_len=32, overwrite=True)
+    assert open_dataset(tmp_path / "ds", "train").seq_len == 32 == m["seq_len"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_duplicates_dropped_and_empty_corpus_is_an_error(tiny_tokenizer, tmp_path):
+    for i in range(6):
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / f"{i}.txt").write_text("same text everywhere\n" if i % 2 else f"text number {i}\n")
+    m = build_dataset(tmp_path / "ds", str(tmp_path / "src"), tokenizer=tiny_tokenizer, seq_len=SEQ)
+    assert m["skipped"]["counts"] == {"duplicate": 2}
+    assert sum(s["documents"] for s in m["splits"].values()) == 4
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no training documents"):
+        build_dataset(tmp_path / "none", str(tmp_path / "blank"), tokenizer=tiny_tokenizer, seq_len=SEQ)
+    assert not (tmp_path / "none").exists()
+
+
+def test_open_by_name_under_cir_home_and_errors(tiny_dataset):
+    import shutil
+
+    shutil.copytree(tiny_dataset, datasets_dir() / "mine")
+    ds = open_dataset("mine", "val")
+    assert len(ds) == len(open_dataset(tiny_dataset, "val"))
+    assert ds.tokenizer_path == datasets_dir() / "mine" / "tokenizer.json"
+    with pytest.raises(FileNotFoundError, match="mine"):  # lists what is available
+        open_dataset("nope", "train")
+    with pytest.raises(ValueError, match="split"):
+        open_dataset("mine", "dev")
+
+
+def test_truncated_shard_is_detected(tiny_dataset, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_dataset, tmp_path / "ds")
+    with open(tmp_path / "ds" / "train.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match="manifest says"):
+        open_dataset(tmp_path / "ds", "train")
+
+
+def test_random_chunks_deterministic_and_in_range():
+    a = open_dataset("random", "test", seq_len=32, vocab_size=100, n_chunks=50, seed=3)
+    b = open_dataset("random", "test", seq_len=32, vocab_size=100, n_chunks=50, seed=3)
+    c = open_dataset("random", "val", seq_len=32, vocab_size=100, n_chunks=50, seed=3)
+    ids, mask = a.get_batch(np.arange(50))
+    assert ids.shape == (50, 32) and bool(mask.all()) and len(a) == 50
+    assert int(ids.min()) >= 2 and int(ids.max()) < 100
+    assert torch.equal(ids, b.get_batch(np.arange(50))[0])
+    assert not torch.equal(ids, c.get_batch(np.arange(50))[0])
+    counts = np.bincount(ids.reshape(-1).numpy(), minlength=100)[2:]
+    assert counts.min() > 0  # roughly uniform over [2, vocab)
+    assert a.seq_len == 32 and a.vocab_size == 100 and a.tokenizer_path is None
