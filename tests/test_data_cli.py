@@ -1,0 +1,85 @@
+"""`route-cli data build | info | sources | list` through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+from cir.cli.main import app
+from cir.data.shards import open_dataset
+from typer.testing import CliRunner
+
+from cir.paths import datasets_dir
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    result = runner.invoke(app, ["data", *args])
+    return result
+
+
+def test_build_and_info_json(tiny_corpus, tiny_tokenizer):
+    result = _invoke("build", "code", "--source", str(tiny_corpus / "code"), "--tokenizer", str(tiny_tokenizer),
+                     "--seq-len", "32", "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["seq_len"] == 32 and manifest["path"] == str(datasets_dir() / "code")
+    assert len(open_dataset("code", "train")) == manifest["splits"]["train"]["chunks"]
+
+    result = _invoke("info", "code", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["splits"] == {k: {**v, **{x: info["splits"][k][x] for x in ("bytes_per_token", "fill")}}
+                              for k, v in manifest["splits"].items()}
+    train = info["splits"]["train"]
+    assert train["bytes_per_token"] == train["bytes"] / train["tokens"]
+
+    listed = json.loads(_invoke("list", "--json").stdout)
+    assert listed == ["code"]
+
+
+def test_build_trains_tokenizer_and_renders_tables(tiny_corpus, tmp_path):
+    out = tmp_path / "prose-ds"
+    result = _invoke("build", "prose", "--source", str(tiny_corpus / "prose"), "--vocab-size", "300",
+                     "--seq-len", "32", "--pack", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "bytes/token" in result.stdout and "train" in result.stdout
+    assert json.loads((out / "manifest.json").read_text())["pack"] is True
+    result = _invoke("info", str(out))
+    assert result.exit_code == 0 and "held-out" in result.stdout
+    again = _invoke("build", "prose", "--source", str(tiny_corpus / "prose"), "--out", str(out))
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_skipped_files_shown_and_strict(tmp_path, tiny_tokenizer):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):  # some land in train whatever the hash
+        (src / f"good{i}.txt").write_text(f"hello world, small good file {i}\n" * 20)
+    (src / "bad.txt").write_bytes("caf\xe9".encode("latin-1"))
+    result = _invoke("build", "mixed", "--source", str(src), "--tokenizer", str(tiny_tokenizer), "--seq-len", "16")
+    assert result.exit_code == 0, result.output
+    assert "non-utf8" in result.stdout
+    info = json.loads(_invoke("info", "mixed", "--json").stdout)
+    assert info["skipped"]["counts"] == {"non-utf8": 1}
+    strict = _invoke("build", "strict", "--source", str(src), "--tokenizer", str(tiny_tokenizer), "--strict")
+    assert strict.exit_code == 2 and "bad.txt" in strict.output
+    assert not (datasets_dir() / "strict").exists()
+
+
+def test_sources_and_errors():
+    result = _invoke("sources", "--json")
+    assert result.exit_code == 0
+    names = {row["name"] for row in json.loads(result.stdout)}
+    assert {"python-code", "python-docs", "c-code", "man-pages", "random"} <= names
+    assert "present" in _invoke("sources").stdout
+    bad = _invoke("build", "x", "--source", "no-such-source")
+    assert bad.exit_code == 2 and "python-code" in bad.output and "Traceback" not in bad.output
+    missing = _invoke("info", "nothing-here")
+    assert missing.exit_code == 2 and "no dataset" in missing.output
+
+
+def test_help_has_examples():
+    for command in ("build", "info", "sources", "list"):
+        result = _invoke(command, "--help")
+        assert result.exit_code == 0 and "Example: route-cli data" in result.stdout
