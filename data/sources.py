@@ -2,7 +2,8 @@
 
 ``iter_documents(spec)`` streams ``Document(id, text, source)`` for:
 
-- a built-in name from ``SOURCES`` (``python-code``, ``python-docs``, ``c-code``, ``man-pages``);
+- a built-in name from ``SOURCES`` (``python-code``, ``python-docs``, ``python-docstrings``,
+  ``c-code``, ``man-pages``);
 - a directory (every regular file under it), a glob (``"src/**/*.py"``), a file, or a list
   of any of these;
 - ``hf:<dataset>[:<config>][:<split>][?data_files=<path>&column=<name>]`` through
@@ -21,6 +22,7 @@ are skipped and counted in ``SkipStats``; ``strict=True`` raises on the first in
 
 from __future__ import annotations
 
+import ast
 import glob
 import gzip
 import os
@@ -305,6 +307,24 @@ def python_docs(opts: ReadOptions) -> Iterator[Document]:
     yield from file_documents("python-docs", _python_filesets(_is_doc), opts, _clean_doc)
 
 
+def _docstrings(path: Path, text: str) -> str:
+    """Module, class and function docstrings of a Python file, in source order."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return ""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, kinds)), key=lambda n: getattr(n, "lineno", 0))
+    docs = (ast.get_docstring(n, clean=True) for n in nodes)
+    return "\n\n".join(d for d in docs if d and d.strip()) + "\n"
+
+
+def python_docstrings(opts: ReadOptions) -> Iterator[Document]:
+    """Docstrings of the stdlib and installed packages, one document per module."""
+    filesets = _python_filesets(lambda p: p.suffix == ".py")
+    return file_documents("python-docstrings", filesets, opts, _docstrings)
+
+
 INCLUDE_ROOT = Path("/usr/include")
 
 
@@ -364,6 +384,10 @@ SOURCES: dict[str, SourceInfo] = {
     "python-docs": SourceInfo(
         "python-docs", "pydoc topics and installed packages' .rst/.md/.txt docs", python_docs,
         lambda: bool(pydoc_topics()),
+    ),
+    "python-docstrings": SourceInfo(
+        "python-docstrings", "docstrings of the stdlib and installed packages, one document per module",
+        python_docstrings, lambda: any(root.is_dir() for _, root in python_roots()),
     ),
     "c-code": SourceInfo(
         "c-code", "C headers under /usr/include", c_code,

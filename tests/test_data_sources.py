@@ -214,3 +214,15 @@ def test_unreadable_path_is_counted(monkeypatch, tmp_path):
 def test_utf8_bom_is_dropped(tmp_path):
     _write(tmp_path / "bom.txt", "\ufeffhello".encode())
     assert [d.text for d in iter_documents(str(tmp_path))] == ["hello"]
+
+
+def test_python_docstrings(monkeypatch, tmp_path):
+    _write(tmp_path / "lib" / "m.py", '"""Module doc."""\n\nclass A:\n    """Class doc.\n\n    More."""\n\n    def f(self):\n        """Method doc."""\n\n\ndef g():\n    return 1\n')
+    _write(tmp_path / "lib" / "nodoc.py", "x = 1\n")
+    _write(tmp_path / "lib" / "broken.py", "def (:\n")
+    monkeypatch.setattr(sources, "python_roots", lambda: [("stdlib", tmp_path / "lib")])
+    stats = SkipStats()
+    (doc,) = iter_documents("python-docstrings", stats)
+    assert doc.id == "python-docstrings:stdlib/m.py"
+    assert doc.text == "Module doc.\n\nClass doc.\n\nMore.\n\nMethod doc.\n"
+    assert stats.counts["filtered"] == 2
