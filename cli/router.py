@@ -1,9 +1,238 @@
-"""`route-cli` commands of the router group."""
+"""`route-cli` commands of the router group: quickstart, score, mount, unmount, experts,
+perplexity, and `bench continual`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+from cir.cli.common import console, err_console, fail, handle_errors, print_json, progress
+from rich.table import Table
+
+REGISTRY_HELP = "Registry directory (default: $CIR_REGISTRY, else $CIR_HOME/registry)."
+
+
+def _registry(path: Path | None):
+    from cir.router.registry import Registry
+
+    return Registry(path)
+
+
+def _load_experts(reg: Any, quiet: bool) -> tuple[list[Any], Any, list[tuple[str, str]]]:
+    from cir.data import load_tokenizer
+
+    result = reg.load()
+    for name, error in result.errors:
+        if not quiet:
+            err_console.print(f"[yellow]warning:[/] expert {name} not loaded: {error}")
+    if not result.experts:
+        hint = "; ".join(f"{n}: {e}" for n, e in result.errors) or "none mounted"
+        fail(f"no usable expert in {reg.root} ({hint}); run `route-cli quickstart` "
+             "or `route-cli mount NAME --source SRC`")
+    return result.experts, load_tokenizer(reg.tokenizer_path), result.errors
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def render_report(report: Any, per_chunk: bool = False) -> None:
+    """A file's table: experts x (TRA, loss, share of routed tokens, threshold) + verdict."""
+    head = f"[bold]{report.path}[/]"
+    if not report.ok:
+        colour = "yellow" if report.status == "skipped" else "red"
+        console.print(f"{head}  [{colour}]{report.status}: {report.reason}[/]")
+        return
+    res = report.result
+    dec = res.decision()
+    table = Table(title=None, show_edge=False)
+    for col in ("expert", "TRA", "loss", "routed", "threshold"):
+        table.add_column(col, justify="left" if col == "expert" else "right")
+    means = res.expert_means()
+    for name, thr in zip(res.names, res.thresholds, strict=True):
+        mark = " *" if name == dec["loss_weighted"] else ""
+        table.add_row(name + mark, _fmt(means[name]["tra"]), _fmt(means[name]["loss"]),
+                      f"{dec['shares'].get(name, 0.0):.0%}", _fmt(thr))
+    verdict = dec["majority"]
+    ood = "[red]unknown (out of every mounted domain)[/]" if verdict == "unknown" else "in domain"
+    console.print(f"{head}  {len(res)} chunks, {int(res.n_tokens.sum())} tokens")
+    for warning in report.warnings:
+        console.print(f"  [yellow]warning:[/] {warning}")
+    console.print(table)
+    console.print(f"  route: [bold green]{verdict}[/]  (loss-weighted: {dec['loss_weighted']}, "
+                  f"unknown chunks: {dec['unknown_fraction']:.0%})  verdict: {ood}")
+    segs = res.segments()
+    if len(segs) > 1:
+        console.print("  segments: " + ", ".join(
+            f"{s.label} (chunks {s.start}-{s.end - 1})" for s in segs))
+    if per_chunk:
+        _render_chunks(res)
+
+
+def _render_chunks(res: Any) -> None:
+    table = Table(show_edge=False)
+    for col in ("chunk", "tokens", "route", *[f"loss {n}" for n in res.names], "best TRA"):
+        table.add_column(col, justify="right")
+    labels = res.labels()
+    for i in range(len(res)):
+        table.add_row(str(i), str(int(res.n_tokens[i])), labels[i],
+                      *[_fmt(float(v)) for v in res.loss[i]], _fmt(float(res.best_tra[i])))
+    console.print(table)
+
+
+def score_cmd(
+    files: list[str] = typer.Argument(..., help="Files to score; '-' reads standard input."),
+    per_chunk: bool = typer.Option(False, "--per-chunk", help="Also show every chunk."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    temperature: float = typer.Option(1.0, "--temperature", help="T of the soft weights softmax(-loss/T)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Chunks per scoring pass."),
+) -> None:
+    """Route files to the mounted experts by reconstruction error (per file and per chunk).
+
+    Binary, empty and whitespace-only files are skipped, missing or unreadable ones are
+    errors, non-UTF-8 text is scored with a warning; the exit code is non-zero only when
+    no file could be scored.
+
+    Example: route-cli score src/app.py notes.txt --per-chunk
+    """
+    from cir.router.score import score_paths
+
+    reg = _registry(registry)
+    experts, tok, errors = _load_experts(reg, as_json)
+    on_file = None if as_json else (lambda rep: render_report(rep, per_chunk))
+    reports = score_paths(files, experts, tok, temperature, batch_size, on_file=on_file)
+    if as_json:
+        print_json({"registry": str(reg.root), "experts": [e.name for e in experts],
+                    "corrupted": [{"name": n, "error": e} for n, e in errors],
+                    "files": [r.to_dict(per_chunk) for r in reports]})
+    if not any(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- mount
+
+
+def _mount_progress(bar: Any, task: Any) -> Any:
+    def on_event(rec: dict[str, Any]) -> None:
+        desc = f"{rec['name']}: {rec['stage']}"
+        if rec.get("event") == "train":
+            bar.update(task, description=desc, total=rec.get("steps"), completed=rec["step"],
+                       info=f"loss {rec['loss']:.3f}")
+        elif "event" not in rec:
+            bar.update(task, description=desc, total=None, completed=0, info="")
+
+    return on_event
+
+
+def mount_cmd(
+    name: str = typer.Argument(..., help="Expert name: letters, digits, '.', '_', '-'."),
+    source: str = typer.Option(..., "--source", "-s", help="python-code | python-docs | c-code | man-pages | DIR | GLOB | hf:<dataset>..."),
+    preset: str = typer.Option("small", "--preset", help="Model size: debug | small."),
+    max_tokens: int | None = typer.Option(2_000_000, "--max-tokens", help="Training tokens to read from the source."),
+    steps_compressor: int | None = typer.Option(None, "--steps-compressor", help="Compressor training steps (default: the preset's)."),
+    steps_lm: int | None = typer.Option(None, "--steps-lm", help="LM training steps (default: the preset's)."),
+    registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Mount a new domain expert: build its corpus, train its compressor and TLinFormer LM,
+    calibrate its OOD threshold, register it atomically. Re-running an interrupted mount
+    resumes it; existing experts are never modified.
+
+    Example: route-cli mount c-code --source /usr/include --max-tokens 1000000
+    """
+    from cir.router.mount import MountConfig, mount
+
+    cfg = MountConfig(preset=preset, max_tokens=max_tokens, steps_compressor=steps_compressor,
+                      steps_lm=steps_lm)
+    reg = _registry(registry)
+    with progress(disable=as_json) as bar:
+        task = bar.add_task(f"{name}: start", total=None, info="")
+        result = mount(reg, name, source, cfg, on_event=_mount_progress(bar, task))
+    info = result.info
+    if as_json:
+        print_json({"name": info.name, "path": str(info.path), "meta": info.meta,
+                    "calibration": info.calibration, "timings": result.timings,
+                    "resumed": result.resumed})
+        return
+    console.print(f"mounted [bold]{info.name}[/] in {info.path} "
+                  f"({sum(result.timings.values()):.0f} s, threshold TRA "
+                  f"{info.calibration['threshold']:.3f})")
+
+
+def unmount_cmd(
+    name: str = typer.Argument(..., help="Expert to remove."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Remove a mounted expert (its directory and its kept corpus).
+
+    Example: route-cli unmount c-code --yes
+    """
+    reg = _registry(registry)
+    reg.info(name)  # unknown names fail here, listing the mounted ones
+    if not yes and not typer.confirm(f"remove expert {name!r} from {reg.root}?"):
+        raise typer.Abort()
+    reg.remove(name)
+    if as_json:
+        print_json({"removed": name, "registry": str(reg.root)})
+    else:
+        console.print(f"removed [bold]{name}[/]")
+
+
+def experts_cmd(
+    registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List mounted experts: source, sizes, parameters, calibrated threshold; corrupted
+    experts (hash mismatch, missing files) are flagged.
+
+    Example: route-cli experts --json
+    """
+    from cir.router.registry import RegistryError
+
+    reg = _registry(registry)
+    rows = []
+    for name, error in reg.check():
+        try:
+            info = reg.info(name)
+            meta, cal = info.meta, info.calibration
+        except RegistryError:
+            meta, cal = {}, {}
+        rows.append({"name": name, "ok": error is None, "error": error,
+                     "source": meta.get("source"), "bytes": meta.get("bytes"),
+                     "params": meta.get("params"), "threshold": cal.get("threshold"),
+                     "tra_mean": cal.get("tra_mean"), "created_at": meta.get("created_at")})
+    if as_json:
+        print_json({"registry": str(reg.root), "experts": rows})
+        return
+    _render_experts(reg, rows)
+
+
+def _render_experts(reg: Any, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        console.print(f"no experts in {reg.root}: run `route-cli quickstart` or `route-cli mount`")
+        return
+    table = Table(title=str(reg.root))
+    for col in ("expert", "status", "source", "size", "params (comp / LM)", "threshold", "held-out TRA"):
+        table.add_column(col)
+    for r in rows:
+        status = "ok" if r["ok"] else f"[red]CORRUPTED[/] {r['error']}"
+        params = r["params"] or {}
+        table.add_row(r["name"], status, str(r["source"] or "-"),
+                      "-" if r["bytes"] is None else f"{r['bytes'] / 2**20:.1f} MiB",
+                      f"{params.get('compressor', 0):,} / {params.get('lm', 0):,}",
+                      _fmt(r["threshold"]), _fmt(r["tra_mean"]))
+    console.print(table)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this group's commands to the top-level app and the `bench` group."""
+    for name, fn in (("score", score_cmd), ("mount", mount_cmd), ("unmount", unmount_cmd),
+                     ("experts", experts_cmd)):
+        app.command(name)(handle_errors(fn))

@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,10 @@ class MountConfig:
     margin: float = DEFAULT_MARGIN
     device: str = "auto"
     seed: int = 0
+    compressor_overrides: dict[str, Any] = field(default_factory=dict)  # model fields
+    lm_overrides: dict[str, Any] = field(default_factory=dict)
+    compressor_train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    lm_train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.preset not in LM_TRAIN:
@@ -108,11 +112,12 @@ def build_corpus(registry: Registry, work: Path, source: Any, cfg: MountConfig) 
 def _train_compressor(work: Path, data: Path, tok: Path, cfg: MountConfig, on_log: Event | None):
     from cir.compressor.train import default_train_config, train_compressor
 
-    over = {"device": cfg.device, "seed": cfg.seed}
+    over = {"device": cfg.device, "seed": cfg.seed, **cfg.compressor_train}
     if cfg.steps_compressor:
         over["steps"] = cfg.steps_compressor
     return train_compressor(data, work / "compressor", preset=cfg.preset, tokenizer=tok,
-                            train_cfg=default_train_config(cfg.preset, **over), on_log=on_log)
+                            train_cfg=default_train_config(cfg.preset, **over),
+                            overrides=cfg.compressor_overrides, on_log=on_log)
 
 
 def _train_lm(work: Path, data: Path, tok: Path, cfg: MountConfig, on_log: Event | None):
@@ -120,11 +125,12 @@ def _train_lm(work: Path, data: Path, tok: Path, cfg: MountConfig, on_log: Event
 
     from cir.train import TrainConfig
 
-    settings = {**LM_TRAIN[cfg.preset], "device": cfg.device, "seed": cfg.seed}
+    settings = {**LM_TRAIN[cfg.preset], "device": cfg.device, "seed": cfg.seed, **cfg.lm_train}
     if cfg.steps_lm:
         settings["steps"] = cfg.steps_lm
     return train_expert(data, work / "lm", arch=cfg.lm_arch, preset=LM_PRESET[cfg.preset],
-                        tokenizer=tok, train_cfg=TrainConfig(**settings), on_log=on_log)
+                        tokenizer=tok, train_cfg=TrainConfig(**settings),
+                        overrides=cfg.lm_overrides, on_log=on_log)
 
 
 def held_out(data: Path, max_chunks: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +162,14 @@ def _meta(source: Any, data: Path, cfg: MountConfig, results: dict[str, Any]) ->
         "mount_config": asdict(cfg),
         "train": {k: v for k, v in results.items() if k != "name"},
     }
+
+
+def keep_corpus(registry: Registry, name: str, data: Path) -> None:
+    """Keep the domain's dataset (its held-out splits serve evaluations) in ``.data/NAME``."""
+    target = registry.data_dir(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    data.replace(target)
 
 
 def mount(
@@ -211,6 +225,7 @@ def _mount_locked(
     info = registry.add_expert(name, work / "compressor", work / "lm", calibration,
                                _meta(source, data, cfg, results))
     timings["calibrate_register_s"] = time.perf_counter() - t
+    keep_corpus(registry, name, data)
     shutil.rmtree(work, ignore_errors=True)
     emit({"stage": "done", "name": name})
     return MountResult(info, timings, resumed)

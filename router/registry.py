@@ -6,6 +6,7 @@ Layout (``REGISTRY`` defaults to ``$CIR_HOME/registry``, or ``$CIR_REGISTRY``)::
       tokenizer.json          every expert scores text with this tokenizer
       .lock                   file lock guarding every write
       .work/NAME/             resumable training state of a mount in progress
+      .data/NAME/             the corpus an expert was trained on (held-out splits)
       .tmp-NAME-PID-XXXX/     an expert being written (ignored on load, cleaned later)
       NAME/
         compressor/           checkpoint (config.json, model.safetensors, tokenizer.json)
@@ -183,6 +184,10 @@ class Registry:
 
     def work_dir(self, name: str) -> Path:
         return self.root / ".work" / validate_name(name)
+
+    def data_dir(self, name: str) -> Path:
+        """The corpus a mounted expert was trained on (kept for held-out evaluations)."""
+        return self.root / ".data" / validate_name(name)
 
     def lock(self, timeout: float = LOCK_TIMEOUT_S) -> FileLock:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -387,6 +392,7 @@ class Registry:
             os.replace(self.root / name, trash)
             _fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(self.data_dir(name), ignore_errors=True)
 
     def cleanup(self) -> list[str]:
         """Delete temp dirs left by writers that are gone; returns what was removed."""
