@@ -168,6 +168,7 @@ def score_path(
         if name == STDIN:
             data = (stdin or sys.stdin.buffer).read()
             info = sniff([data])
+            info.n_bytes = len(data)
         else:
             p = Path(path)
             if not p.exists():
@@ -175,6 +176,7 @@ def score_path(
             if p.is_dir():
                 return FileReport(name, "skipped", "directory")
             info = sniff(_file_blocks(p))
+            info.n_bytes = p.stat().st_size
     except OSError as exc:
         return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
     skip, warnings = _verdict(info)
