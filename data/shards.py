@@ -49,6 +49,7 @@ from cir.paths import datasets_dir
 FORMAT_VERSION = 1
 ENCODE_BATCH = 64
 TOKENIZER_TRAIN_BYTES = 64 * 2**20
+TRAIN_BYTES_PER_TOKEN = 4  # about what a trained 8K BPE gives on code and prose: the text the budget encodes
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -168,7 +169,7 @@ def _resolve_tokenizer(
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     else:
-        cap = TOKENIZER_TRAIN_BYTES if max_tokens is None else min(TOKENIZER_TRAIN_BYTES, 8 * max_tokens)
+        cap = TOKENIZER_TRAIN_BYTES if max_tokens is None else min(TOKENIZER_TRAIN_BYTES, TRAIN_BYTES_PER_TOKEN * max_tokens)
         texts = _train_texts(source, strict, cap, max_file_bytes, on_progress)
         tok = train_tokenizer(texts, vocab_size)
     save_tokenizer(tok, tmp / "tokenizer.json")
