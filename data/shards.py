@@ -235,7 +235,7 @@ def build_dataset(
             tmp, out.name, source, tokenizer, vocab_size, seq_len, max_tokens, pack, strict,
             max_file_bytes, on_progress,
         )
-        _replace_dir(tmp, out)
+        _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -280,9 +280,11 @@ def _build_into(
     return manifest
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished build into place; an old dataset goes only once the new one is there."""
     old = None
+    if out.exists() and not overwrite:  # appeared while we were building
+        raise FileExistsError(f"dataset already exists: {out} (pass overwrite to replace it)")
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
         os.replace(out, old)
