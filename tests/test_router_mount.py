@@ -1,0 +1,98 @@
+"""Mounting real debug experts end to end, a mount killed halfway, same-name exclusion."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import filelock
+import pytest
+import torch
+from cir.data import load_tokenizer
+from cir.router.mount import MountConfig, mount
+from cir.router.registry import ExpertExistsError, Registry, RegistryError
+from cir.router.score import score_path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Several torch threads on a busy small machine spin against each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FAST = dict(preset="debug", max_tokens=None, steps_compressor=40, steps_lm=10)
+
+
+def _hashes(reg: Registry, name: str) -> dict[str, str]:
+    return {r: v["sha256"] for r, v in reg.info(name).meta["files"].items()}
+
+
+def test_mount_two_experts_then_route(tiny_corpus, tmp_path):
+    reg = Registry(tmp_path / "registry")
+    first = mount(reg, "code", str(tiny_corpus / "code"), MountConfig(**FAST))
+    assert reg.has_tokenizer()  # the first mount trained and installed it
+    before = _hashes(reg, "code")
+    mount(reg, "prose", str(tiny_corpus / "prose"), MountConfig(**FAST))
+    assert _hashes(reg, "code") == before  # existing experts are never modified
+    assert reg.names() == ["code", "prose"] and reg.load().errors == []
+    cal = first.info.calibration
+    assert 0.0 <= cal["threshold"] <= cal["tra_quantiles"]["0.01"] and cal["n_chunks"] > 0
+    assert first.info.meta["corpus_fingerprint"] and reg.data_dir("code").is_dir()
+    assert not reg.work_dir("code").exists()
+    experts = reg.load().experts
+    tok = load_tokenizer(reg.tokenizer_path)
+    code_file = sorted((tiny_corpus / "code").rglob("*.py"))[0]
+    prose_file = sorted((tiny_corpus / "prose").rglob("*.txt"))[0]
+    assert score_path(code_file, experts, tok).result.decision()["loss_weighted"] == "code"
+    assert score_path(prose_file, experts, tok).result.decision()["loss_weighted"] == "prose"
+    with pytest.raises(ExpertExistsError):
+        mount(reg, "code", str(tiny_corpus / "code"), MountConfig(**FAST))
+
+
+def test_same_name_mount_in_progress_is_refused(tiny_corpus, tiny_tokenizer, tmp_path):
+    reg = Registry(tmp_path / "registry")
+    reg.set_tokenizer(tiny_tokenizer)
+    reg.work_dir("code").parent.mkdir(parents=True)
+    with filelock.FileLock(str(reg.work_dir("code")) + ".lock"):
+        with pytest.raises(RegistryError, match="already running"):
+            mount(reg, "code", str(tiny_corpus / "code"), MountConfig(**FAST))
+    assert reg.names() == []
+
+
+_CHILD = textwrap.dedent("""
+    import sys
+    from cir.router.mount import MountConfig, mount
+    from cir.router.registry import Registry
+    mount(Registry(sys.argv[1]), "code", sys.argv[2],
+          MountConfig(preset="debug", max_tokens=None, steps_compressor=100000, steps_lm=10,
+                      compressor_train={"ckpt_every": 5}))
+""")
+
+
+def test_mount_killed_halfway_then_resumed(tiny_corpus, tiny_tokenizer, tmp_path):
+    reg = Registry(tmp_path / "registry")
+    reg.set_tokenizer(tiny_tokenizer)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(reg.root),
+                             str(tiny_corpus / "code")], env=env)
+    state = reg.work_dir("code") / "compressor" / "train_state.pt"
+    deadline = time.monotonic() + 60
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "the child never reached its first checkpoint"
+    assert reg.names() == [] and reg.load().errors == []  # loadable, expert absent
+    result = mount(reg, "code", str(tiny_corpus / "code"),
+                   MountConfig(preset="debug", max_tokens=None, steps_compressor=10, steps_lm=10,
+                               compressor_train={"ckpt_every": 5}))
+    assert result.resumed and reg.names() == ["code"] and reg.load().errors == []
+    assert not any(p.name.startswith(".tmp-") for p in Path(reg.root).iterdir())
