@@ -1,0 +1,57 @@
+"""Continual-learning check and LM comparison on debug experts from the tiny corpus."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from cir.router.continual import ContinualConfig, lm_comparison, run_continual
+from cir.router.mount import held_out
+from cir.router.registry import Registry
+
+DEBUG = dict(preset="debug", max_tokens=None, steps_compressor=30, steps_lm=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _config_corpus(root):
+    root.mkdir(parents=True)
+    rng = random.Random(1)
+    for k in range(30):
+        lines = [f"[section_{rng.randrange(99)}]"]
+        lines += [f"key_{rng.randrange(50)} = {rng.randrange(10_000)}" for _ in range(40)]
+        (root / f"conf_{k:02d}.ini").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_continual_mount_c_keeps_a_and_b(tiny_corpus, tmp_path):
+    third = _config_corpus(tmp_path / "ini")
+    cfg = ContinualConfig(
+        domains=(str(tiny_corpus / "code"), str(tiny_corpus / "prose"), str(third)),
+        workdir=tmp_path / "bench", mount=DEBUG, eval_chunks=8,
+    )
+    out = run_continual(cfg)
+    assert out["domains"] == ["code", "prose", "ini"]
+    assert set(out["before"]) == {"code", "prose"} and set(out["after"]) == {"code", "prose", "ini"}
+    for name in ("code", "prose"):
+        b, a = out["before"][name], out["after"][name]
+        # the old experts' LMs are untouched: their own perplexity is bit-identical
+        assert a["single"][name] == b["single"][name]
+        assert 0.0 <= a["routing_accuracy"] <= 1.0
+    for row in out["after"].values():
+        assert row["oracle"] <= min(row["single"].values()) + 1e-9
+        assert row["oracle"] <= row["routed"] + 1e-9
+    assert [s["after"] for s in out["sequential"]] == ["code", "prose", "ini"]
+    assert list(out["sequential"][-1]["ppl"]) == ["code", "prose", "ini"]
+    reg = Registry(out["registry"])
+    experts = reg.load().experts
+    ids, mask = held_out(reg.data_dir("code"), 4, split="test")
+    cmp = lm_comparison(experts, ids, mask)
+    assert set(cmp["single"]) == {"code", "prose", "ini"} and cmp["n_chunks"] == ids.shape[0]
