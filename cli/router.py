@@ -267,8 +267,196 @@ def quickstart_cmd(
                   "[bold]route-cli mount NAME --source DIR[/]")
 
 
+# ----------------------------------------------------------------------------- perplexity
+
+
+def _file_chunks(path: str, tok: Any, seq_len: int) -> tuple[Any, Any]:
+    import numpy as np
+    import torch
+    from cir.data import iter_text_chunks
+
+    parts = list(iter_text_chunks(path, tok, seq_len))
+    if not parts:
+        fail(f"{path}: no text to score")
+    ids = torch.from_numpy(np.concatenate([p[0] for p in parts]))  # [N, T]
+    lengths = torch.from_numpy(np.concatenate([p[1] for p in parts]))  # [N]
+    return ids, torch.arange(ids.shape[1])[None] < lengths[:, None]
+
+
+def perplexity_cmd(
+    target: str = typer.Argument(..., help="An LM checkpoint directory, or with --routed a text file."),
+    data: str | None = typer.Option(None, "--data", help="Dataset name or directory (with a checkpoint TARGET)."),
+    split: str = typer.Option("val", "--split", help="Dataset split for --data."),
+    max_chunks: int | None = typer.Option(None, "--max-chunks", help="Evaluate at most this many chunks."),
+    routed: bool = typer.Option(False, "--routed", help="TARGET is a file: each chunk scored by its routed expert's LM."),
+    registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Perplexity of an LM on a dataset, or of routed experts on a file (with the oracle
+    routing, best LM per chunk, and every single expert, so the gain of routing shows).
+
+    Example: route-cli perplexity notes.md --routed
+    """
+    if routed:
+        _routed_perplexity(target, registry, as_json)
+        return
+    if data is None:
+        fail("give --data DATASET with a checkpoint TARGET, or --routed with a file")
+    from cir.experts.evaluate import dataset_perplexity
+
+    out = dataset_perplexity(target, data, max_chunks=max_chunks, split=split)
+    row = {k: out[k] for k in ("ppl", "nll_per_token", "n_chunks", "total_tokens")}
+    if as_json:
+        print_json({"target": target, "data": data, "split": split, **row})
+    else:
+        console.print(f"{target} on {data}/{split}: perplexity [bold]{row['ppl']:.3f}[/] "
+                      f"({row['n_chunks']} chunks, {row['total_tokens']:,} tokens)")
+
+
+def _routed_perplexity(path: str, registry: Path | None, as_json: bool) -> None:
+    from cir.router.continual import lm_comparison
+    from cir.router.routing import seq_len_of
+
+    reg = _registry(registry)
+    experts, tok, _ = _load_experts(reg, as_json)
+    if not Path(path).is_file():
+        fail(f"{path}: not a file")
+    ids, mask = _file_chunks(path, tok, seq_len_of(experts))
+    out = lm_comparison(experts, ids, mask)
+    if as_json:
+        print_json({"file": path, **out})
+        return
+    table = Table(title=f"{path}: {out['n_chunks']} chunks, {out['n_tokens']:,} predicted tokens")
+    table.add_column("LM choice")
+    table.add_column("perplexity", justify="right")
+    table.add_row("routed (lowest reconstruction loss)", _fmt(out["routed"]))
+    table.add_row("oracle (best LM per chunk)", _fmt(out["oracle"]))
+    for name, ppl in out["single"].items():
+        table.add_row(f"always {name}", _fmt(ppl))
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def continual_cmd(
+    preset: str = typer.Option("quick", "--preset", help="quick (the quickstart settings) | debug | small."),
+    domains: str | None = typer.Option(None, "--domains", help="Three sources A,B,C (default: the quickstart domains)."),
+    eval_chunks: int = typer.Option(32, "--eval-chunks", help="Held-out chunks per domain."),
+    workdir: Path | None = typer.Option(None, "--workdir", help="Scratch directory (default: $CIR_HOME/bench/continual)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Mount A and B, measure; mount C, measure again (routing accuracy and routed
+    perplexity on held-out data); compare with one LM fine-tuned on A, then B, then C.
+
+    Example: route-cli bench continual --preset quick
+    """
+    from cir.router.continual import ContinualConfig, run_continual
+    from cir.router.quickstart import QUICK, quick_domains
+
+    from cir.paths import cir_home
+
+    names = domains.split(",") if domains else quick_domains()
+    if len(names) != 3:
+        fail(f"--domains needs three sources, got {names}")
+    mount_cfg = QUICK if preset == "quick" else {"preset": preset}
+    cfg = ContinualConfig(tuple(names), workdir or cir_home() / "bench" / "continual",
+                          mount=dict(mount_cfg), eval_chunks=eval_chunks)
+    with progress(disable=as_json) as bar:
+        task = bar.add_task("continual", total=None, info="")
+        out = run_continual(cfg, on_event=_mount_progress(bar, task))
+    if as_json:
+        print_json(out)
+        return
+    _render_continual(out)
+
+
+def _render_continual(out: dict[str, Any]) -> None:
+    a, b, c = out["domains"]
+    table = Table(title=f"mounting {c} after {a} and {b} ({out['wall_s']:.0f} s)")
+    for col in ("held-out domain", "routing acc before", "routing acc after",
+                "routed ppl before", "routed ppl after", "oracle ppl after",
+                f"sequential LM ppl after {b}", f"after {c}"):
+        table.add_column(col, justify="right")
+    seq = {s["after"]: s["ppl"] for s in out["sequential"]}
+    for name in (a, b, c):
+        before, after = out["before"].get(name, {}), out["after"][name]
+        table.add_row(name, _fmt(before.get("routing_accuracy"), ".1%"),
+                      _fmt(after["routing_accuracy"], ".1%"), _fmt(before.get("routed"), ".2f"),
+                      _fmt(after["routed"], ".2f"), _fmt(after["oracle"], ".2f"),
+                      _fmt(seq[b].get(name), ".2f"), _fmt(seq[c].get(name), ".2f"))
+    console.print(table)
+    console.print(f"sequential LM on {a} after each stage: " + ", ".join(
+        f"{s['after']}: {s['ppl'][a]:.2f}" for s in out["sequential"]))
+
+
+def routing_bench_cmd(
+    registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    ood: list[str] = typer.Option([], "--ood", help="Unmounted source(s) used as OOD data (besides random)."),
+    eval_chunks: int = typer.Option(64, "--eval-chunks", help="Held-out chunks per set."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Routing accuracy on every mounted domain's held-out chunks, and OOD AUROC against
+    random tokens and unmounted sources.
+
+    Example: route-cli bench registry --ood man-pages
+    """
+    from cir.router.continual import evaluate_routing
+
+    reg = _registry(registry)
+    experts, _, _ = _load_experts(reg, as_json)
+    sets = {"random": _random_chunks(experts, eval_chunks)}
+    for source in ood:
+        sets[source] = _source_chunks(reg, source, experts, eval_chunks)
+    out = evaluate_routing(reg, experts, eval_chunks, sets)
+    if as_json:
+        print_json({"registry": str(reg.root), **out})
+        return
+    table = Table(title="routing on held-out chunks")
+    for col in ("set", "routing accuracy", "flagged unknown", "AUROC (TRA)", "AUROC (loss)", "chunks"):
+        table.add_column(col, justify="right")
+    for name, r in out["domains"].items():
+        table.add_row(name, _fmt(r["accuracy"], ".1%"), _fmt(r["unknown"], ".1%"), "-", "-",
+                      str(r["n_chunks"]))
+    for name, r in out["ood"].items():
+        table.add_row(f"OOD {name}", "-", _fmt(r["flagged_unknown"], ".1%"),
+                      _fmt(r["auroc_tra"]), _fmt(r["auroc_loss"]), str(r["n_chunks"]))
+    console.print(table)
+
+
+def _random_chunks(experts: list[Any], n: int) -> tuple[Any, Any]:
+    from cir.data import open_dataset
+    from cir.router.routing import seq_len_of
+
+    ds = open_dataset("random", "test", seq_len=seq_len_of(experts),
+                      vocab_size=experts[0].compressor.config.vocab_size, n_chunks=n)
+    return ds.get_batch(list(range(n)))
+
+
+def _source_chunks(reg: Any, source: str, experts: list[Any], n: int) -> tuple[Any, Any]:
+    """Chunks of an unmounted source, built once with the registry tokenizer."""
+    import hashlib
+
+    import numpy as np
+    from cir.data import build_dataset, open_dataset
+    from cir.router.routing import seq_len_of
+
+    from cir.paths import cir_home
+
+    key = hashlib.sha256(f"{source}|{reg.tokenizer_hash()}".encode()).hexdigest()[:16]
+    out = cir_home() / "bench" / "ood" / key
+    if not (out / "manifest.json").is_file():
+        build_dataset(out, source, tokenizer=reg.tokenizer_path, seq_len=seq_len_of(experts),
+                      max_tokens=n * 512 * 2, overwrite=True)
+    ds = open_dataset(out, "train")  # an unmounted source: every split is unseen
+    return ds.get_batch(np.arange(min(n, len(ds))))
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this group's commands to the top-level app and the `bench` group."""
     for name, fn in (("score", score_cmd), ("mount", mount_cmd), ("unmount", unmount_cmd),
                      ("experts", experts_cmd), ("quickstart", quickstart_cmd)):
         app.command(name)(handle_errors(fn))
+    app.command("perplexity")(handle_errors(perplexity_cmd))
+    bench.command("continual")(handle_errors(continual_cmd))
+    bench.command("registry")(handle_errors(routing_bench_cmd))
