@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,10 +14,12 @@ from pathlib import Path
 import filelock
 import pytest
 import torch
+from cir.cli.main import app
 from cir.data import load_tokenizer
 from cir.router.mount import MountConfig, mount
 from cir.router.registry import ExpertExistsError, Registry, RegistryError
 from cir.router.score import score_path
+from typer.testing import CliRunner
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +58,25 @@ def test_mount_two_experts_then_route(tiny_corpus, tmp_path):
     assert score_path(prose_file, experts, tok).result.decision()["loss_weighted"] == "prose"
     with pytest.raises(ExpertExistsError):
         mount(reg, "code", str(tiny_corpus / "code"), MountConfig(**FAST))
+    _check_cli(reg, code_file)
+
+
+def _check_cli(reg: Registry, code_file: Path) -> None:
+    runner = CliRunner()
+    args = ["--registry", str(reg.root), "--json"]
+    out = json.loads(runner.invoke(app, ["perplexity", str(code_file), "--routed", *args]).stdout)
+    assert out["oracle"] <= min(out["single"].values()) + 1e-9
+    assert set(out["single"]) == {"code", "prose"}
+    res = runner.invoke(app, ["bench", "registry", "--eval-chunks", "8", *args])
+    assert res.exit_code == 0, res.output
+    bench = json.loads(res.stdout)
+    assert set(bench["domains"]) == {"code", "prose"}
+    assert 0.0 <= bench["ood"]["random"]["auroc_tra"] <= 1.0
+    lm_dir = reg.root / "code" / "lm"
+    res = runner.invoke(app, ["perplexity", str(lm_dir), "--data", str(reg.data_dir("code")),
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["ppl"] > 1.0
 
 
 def test_same_name_mount_in_progress_is_refused(tiny_corpus, tiny_tokenizer, tmp_path):
