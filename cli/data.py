@@ -1,4 +1,4 @@
-"""`route-cli` commands of the data group: `data build | info | sources | list`."""
+"""`route-cli` commands of the data group: `data build | info | show | sources | list`."""
 
 from __future__ import annotations
 
@@ -135,6 +135,31 @@ def sources_cmd(as_json: bool = typer.Option(False, "--json", help="Print the li
         table.add_row(row["name"], row["kind"], "yes" if row["present"] else "[red]no[/]", row["description"])
     console.print(table)
     console.print("Also: a directory, a file, a glob, or hf:<dataset>[:<config>][:<split>][?data_files=...&column=...]")
+
+
+@data_app.command("show")
+@handle_errors
+def show_cmd(
+    name: str = typer.Argument(..., help="Dataset name (under $CIR_HOME/datasets) or directory."),
+    split: str = typer.Option("val", help="train | val | test"),
+    n: int = typer.Option(3, "-n", help="How many chunks."),
+    seed: int = typer.Option(0, help="Seed of the random pick."),
+    as_json: bool = typer.Option(False, "--json", help="Print the chunks as JSON."),
+) -> None:
+    """Decode a few random chunks of a dataset back to text.
+
+    Example: route-cli data show pycode --split val -n 2
+    """
+    from cir.data.shards import sample_chunks
+    from rich.panel import Panel
+
+    chunks = sample_chunks(name, split, n, seed)
+    if as_json:
+        print_json(chunks)
+        return
+    for chunk in chunks:
+        title = f"{split} chunk {chunk['index']} ({chunk['length']} tokens)"
+        console.print(Panel(chunk["text"], title=title, highlight=False, expand=False), markup=False)
 
 
 @data_app.command("list")

@@ -413,3 +413,16 @@ def dataset_summary(name_or_path: str | os.PathLike) -> dict[str, Any]:
     manifest["heldout_bytes_per_token"] = sum(s["bytes"] for s in held) / held_tokens if held_tokens else None
     manifest["path"] = str(root)
     return manifest
+
+
+def sample_chunks(name_or_path: str | os.PathLike, split: str = "val", n: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` chunks of a split drawn at random, decoded back to text, to see what was built."""
+    ds = ChunkDataset(resolve_dataset(name_or_path), split)
+    tok = load_tokenizer(ds.tokenizer_path)
+    picks = np.random.default_rng(seed).choice(len(ds), size=min(n, len(ds)), replace=False)
+    out = []
+    for i in sorted(int(p) for p in picks):
+        length = int(ds.lengths[i])
+        text = tok.decode([int(t) for t in ds.ids[i, :length]], skip_special_tokens=False)
+        out.append({"index": i, "length": length, "text": text})
+    return out

@@ -37,6 +37,11 @@ def test_build_and_info_json(tiny_corpus, tiny_tokenizer):
     listed = json.loads(_invoke("list", "--json").stdout)
     assert listed == ["code"]
 
+    shown = json.loads(_invoke("show", "code", "--split", "train", "-n", "2", "--json").stdout)
+    sources = [p.read_text() for p in (tiny_corpus / "code").rglob("*.py")]
+    assert len(shown) == 2 and all(len(c["text"]) > 0 and any(c["text"] in s for s in sources) for c in shown)
+    assert _invoke("show", "code", "-n", "1").exit_code == 0
+
 
 def test_build_trains_tokenizer_and_renders_tables(tiny_corpus, tmp_path):
     out = tmp_path / "prose-ds"
@@ -80,6 +85,6 @@ def test_sources_and_errors():
 
 
 def test_help_has_examples():
-    for command in ("build", "info", "sources", "list"):
+    for command in ("build", "info", "show", "sources", "list"):
         result = _invoke(command, "--help")
         assert result.exit_code == 0 and "Example: route-cli data" in result.stdout
