@@ -270,9 +270,13 @@ _NOT_DOCS = frozenset({
 })
 
 
+# legal boilerplate: near-identical copies across packages would leak between splits
+_LEGAL = ("license", "licence", "copying", "notice", "authors", "thirdpartynotices")
+
+
 def _is_doc(path: Path) -> bool:
     name = path.name.lower()
-    if name in _NOT_DOCS:
+    if name in _NOT_DOCS or name.startswith(_LEGAL) or path.parent.name.lower() == "licenses":
         return False
     return path.suffix.lower() in {".rst", ".md", ".txt"} or (
         name == "metadata" and path.parent.name.endswith(".dist-info")
@@ -300,7 +304,12 @@ def pydoc_topics() -> dict[str, str]:
 
 
 def python_docs(opts: ReadOptions) -> Iterator[Document]:
-    """pydoc topics (the language reference as text) and installed packages' prose docs."""
+    """pydoc topics (the language reference as text) and installed packages' prose docs.
+
+    Package docs are ``.rst`` / ``.md`` / ``.txt`` files and wheel METADATA descriptions;
+    licence texts and packaging metadata are left out, and files that are mostly not
+    letters (data tables) are counted as ``filtered``.
+    """
     for name, text in sorted(pydoc_topics().items()):
         if text.strip():
             yield Document(f"python-docs:pydoc/{name}", text, "python-docs")

@@ -226,3 +226,22 @@ def test_python_docstrings(monkeypatch, tmp_path):
     assert doc.id == "python-docstrings:stdlib/m.py"
     assert doc.text == "Module doc.\n\nClass doc.\n\nMore.\n\nMethod doc.\n"
     assert stats.counts["filtered"] == 2
+
+
+def test_python_docs_package_files(monkeypatch, tmp_path):
+    lib = tmp_path / "lib"
+    _write(lib / "pkg" / "README.md", "# Title\n\nSome words about the package.\n")
+    _write(lib / "pkg-1.0.dist-info" / "METADATA", "Name: pkg\nVersion: 1.0\n\nLong description here.\n")
+    _write(lib / "pkg-1.0.dist-info" / "LICENSE.txt", "Permission is hereby granted\n")
+    _write(lib / "pkg-1.0.dist-info" / "top_level.txt", "pkg\n")
+    _write(lib / "pkg" / "data" / "table.txt", "1.0 2.0 3.0\n4.5 6.7 8.9\n")
+    monkeypatch.setattr(sources, "python_roots", lambda: [("site-packages", lib)])
+    monkeypatch.setattr(sources, "pydoc_topics", lambda: {"if": "The if statement."})
+    stats = SkipStats()
+    docs = {d.id: d.text for d in iter_documents("python-docs", stats)}
+    assert docs == {
+        "python-docs:pydoc/if": "The if statement.",
+        "python-docs:site-packages/pkg/README.md": "# Title\n\nSome words about the package.\n",
+        "python-docs:site-packages/pkg-1.0.dist-info/METADATA": "Long description here.\n",
+    }
+    assert dict(stats.counts) == {"filtered": 1}
