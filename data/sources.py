@@ -249,12 +249,12 @@ def python_roots() -> list[tuple[str, Path]]:
 _PY_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", ".git"})
 
 
-def _python_filesets(accept: Callable[[Path], bool]) -> list[FileSet]:
+def _python_filesets(accept: Callable[[Path], bool], skip_dirs: frozenset[str] = frozenset()) -> list[FileSet]:
     filesets = []
     for label, root in python_roots():
         # the stdlib root holds its own site-packages: those are walked as their own root
         skip = _PY_SKIP_DIRS if label == "stdlib" else frozenset({"__pycache__", ".git"})
-        filesets.append(FileSet(root, label, accept, skip))
+        filesets.append(FileSet(root, label, accept, skip | skip_dirs))
     return filesets
 
 
@@ -308,12 +308,14 @@ def python_docs(opts: ReadOptions) -> Iterator[Document]:
 
     Package docs are ``.rst`` / ``.md`` / ``.txt`` files and wheel METADATA descriptions;
     licence texts and packaging metadata are left out, and files that are mostly not
-    letters (data tables) are counted as ``filtered``.
+    letters (data tables) are counted as ``filtered``; ``test(s)`` folders (test data) are
+    not walked.
     """
     for name, text in sorted(pydoc_topics().items()):
         if text.strip():
             yield Document(f"python-docs:pydoc/{name}", text, "python-docs")
-    yield from file_documents("python-docs", _python_filesets(_is_doc), opts, _clean_doc)
+    filesets = _python_filesets(_is_doc, skip_dirs=frozenset({"test", "tests"}))  # test data is not docs
+    yield from file_documents("python-docs", filesets, opts, _clean_doc)
 
 
 def _docstrings(path: Path, text: str) -> str:

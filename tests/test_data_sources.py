@@ -235,6 +235,7 @@ def test_python_docs_package_files(monkeypatch, tmp_path):
     _write(lib / "pkg-1.0.dist-info" / "LICENSE.txt", "Permission is hereby granted\n")
     _write(lib / "pkg-1.0.dist-info" / "top_level.txt", "pkg\n")
     _write(lib / "pkg" / "data" / "table.txt", "1.0 2.0 3.0\n4.5 6.7 8.9\n")
+    _write(lib / "pkg" / "tests" / "data" / "mail.txt", "From: a@b.c\n\nhello\n")
     monkeypatch.setattr(sources, "python_roots", lambda: [("site-packages", lib)])
     monkeypatch.setattr(sources, "pydoc_topics", lambda: {"if": "The if statement."})
     stats = SkipStats()
