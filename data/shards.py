@@ -327,6 +327,10 @@ class ChunkDataset:
     def tokenizer_path(self) -> Path:
         return self.root / "tokenizer.json"
 
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        # pickled by path (e.g. to DataLoader workers): re-mapped, never copied
+        return (type(self), (str(self.root), self.split))
+
     def __len__(self) -> int:
         return len(self.lengths)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -46,6 +47,9 @@ def test_read_is_zero_copy_memmap(tiny_dataset):
     assert ds.ids.shape == (len(ds), SEQ)
     assert not ds.ids.flags.writeable
     assert np.shares_memory(ds.ids[:3], ds.ids)
+    again = pickle.loads(pickle.dumps(ds))
+    assert len(pickle.dumps(ds)) < 1000 and isinstance(again.ids, np.memmap)
+    np.testing.assert_array_equal(again.ids, ds.ids)
 
 
 def test_get_batch_ids_and_mask(tiny_dataset):
