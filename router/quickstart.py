@@ -36,10 +36,10 @@ QUICK = dict(
     calib_chunks=64,
     compressor_overrides=dict(d_model=64, n_heads=2, n_enc_layers=1, n_dec_layers=1, d_ff=256),
     lm_overrides=dict(n_embd=64, n_head=4, n_blocks=1, n_hidden=1, ffn_hidden=192),
-    compressor_train=dict(steps=80, batch_size=8, lr=3e-3, warmup_steps=8, eval_every=1000,
-                          ckpt_every=40, log_every=5, max_wall_s=60.0),
-    lm_train=dict(steps=24, batch_size=8, lr=3e-3, warmup_steps=4, eval_every=1000,
-                  ckpt_every=12, log_every=4, max_wall_s=30.0),
+    compressor_train=dict(steps=120, batch_size=8, lr=3e-3, warmup_steps=8, eval_every=1000,
+                          ckpt_every=40, log_every=5, max_wall_s=75.0),
+    lm_train=dict(steps=16, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=1000,
+                  ckpt_every=8, log_every=4, max_wall_s=20.0),
 )
 
 Event = Callable[[dict[str, Any]], None]
@@ -127,8 +127,13 @@ def quickstart(
     force: bool = False,
     samples_dir: Path | None = None,
     on_event: Event | None = None,
+    domains: dict[str, str] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> QuickstartResult:
-    """Build (or reuse) the quickstart registry, then score the samples."""
+    """Build (or reuse) the quickstart registry, then score the samples.
+
+    ``domains`` (expert name -> source) and ``settings`` (``MountConfig`` fields) replace
+    the built-in domains and the ``QUICK`` settings."""
     from cir.data import load_tokenizer
     from cir.router.score import score_paths
 
@@ -136,21 +141,21 @@ def quickstart(
     reg = Registry(registry)
     if force:
         reset(reg)
-    domains = quick_domains()
-    res = QuickstartResult(reg.root, domains)
+    domains = domains or {d: d for d in quick_domains()}
+    res = QuickstartResult(reg.root, list(domains))
     t0 = time.perf_counter()
-    if ensure_tokenizer(reg, domains):
+    if ensure_tokenizer(reg, list(domains.values())):
         res.timings["tokenizer_s"] = time.perf_counter() - t0
-    for name in domains:
+    for name, source in domains.items():
         if name in reg:
             res.reused.append(name)
             continue
         t = time.perf_counter()
-        mount(reg, name, name, MountConfig(**QUICK), on_event=emit)
+        mount(reg, name, source, MountConfig(**(settings or QUICK)), on_event=emit)
         res.mounted.append(name)
         res.timings[f"mount_{name}_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    loaded = reg.load(domains)
+    loaded = reg.load(list(domains))
     res.samples = write_samples(samples_dir or reg.root / ".samples")
     res.reports = score_paths(res.samples, loaded.experts, load_tokenizer(reg.tokenizer_path))
     res.timings["score_s"] = time.perf_counter() - t

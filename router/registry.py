@@ -365,6 +365,8 @@ class Registry:
             (tmp / part).mkdir()
             for fname in CHECKPOINT_FILES:
                 shutil.copyfile(src / fname, tmp / part / fname)
+            if (src / "metrics.jsonl").is_file():  # the training curve, for the record
+                shutil.copyfile(src / "metrics.jsonl", tmp / part / "metrics.jsonl")
             params[part] = _count_params(tmp / part / "model.safetensors")
         _write_json(tmp / CALIBRATION_FILE, calibration)
         files = {
