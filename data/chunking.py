@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_READ_BYTES = 4 * 2**20
+ENCODE_CHARS = 2**16
 
 
 def chunk_ids(ids: np.ndarray | list[int], seq_len: int, dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +79,22 @@ def _text_pieces(path: str | os.PathLike, max_bytes_per_read: int) -> Iterator[s
         yield carry
 
 
+def _sub_pieces(text: str, size: int) -> Iterator[str]:
+    """``text`` in pieces of about ``size`` characters, cut only at safe points."""
+    start = 0
+    while len(text) - start > size:
+        cut = _cut_point(text[start : start + size], force=False)
+        if cut == 0:  # none in this window: take the first one after it
+            m = _SAFE_CUT.search(text, start + size)
+            if m is None:
+                break
+            cut = m.end() - 1 - start
+        yield text[start : start + cut]
+        start += cut
+    if start < len(text):
+        yield text[start:]
+
+
 def iter_text_chunks(
     path: str | os.PathLike,
     tokenizer: Tokenizer,
@@ -86,8 +103,8 @@ def iter_text_chunks(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream a file of any size as chunk arrays ``(ids int64 [n, T], lengths int32 [n])``.
 
-    Memory stays within a few ``max_bytes_per_read``. Pieces are cut at newlines between two
-    non-space characters, so the concatenation of everything yielded equals
+    Memory stays within a few ``max_bytes_per_read``. Pieces are cut at newlines before a
+    visible character, so the concatenation of everything yielded equals
     ``chunk_text(whole file)`` (invalid UTF-8 is replaced by U+FFFD) unless no such newline
     occurs within 4 reads.
     """
@@ -95,10 +112,12 @@ def iter_text_chunks(
         raise ValueError("max_bytes_per_read must be >= 1")
     pending = np.zeros(0, dtype=np.int64)
     for piece in _text_pieces(path, max_bytes_per_read):
-        pending = np.concatenate([pending, np.asarray(encode(tokenizer, piece), dtype=np.int64)])
-        full = len(pending) // seq_len * seq_len
-        if full:
-            yield chunk_ids(pending[:full], seq_len)
-            pending = pending[full:]
+        # encode in small pieces: one Encoding costs ~100 bytes per token
+        for sub in _sub_pieces(piece, ENCODE_CHARS):
+            pending = np.concatenate([pending, np.asarray(encode(tokenizer, sub), dtype=np.int64)])
+            full = len(pending) // seq_len * seq_len
+            if full:
+                yield chunk_ids(pending[:full], seq_len)
+                pending = pending[full:]
     if len(pending):
         yield chunk_ids(pending, seq_len)

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from cir.data import shards
+from cir.data import chunking, shards
 from cir.data.chunking import chunk_ids, chunk_text, iter_text_chunks
 from cir.data.shards import build_dataset, dataset_summary, open_dataset
 from cir.data.sources import iter_documents
@@ -106,7 +106,9 @@ def test_chunk_ids_shapes():
     assert ids.shape == (0, 4) and lengths.shape == (0,)
 
 
-def test_iter_text_chunks_streams_the_same_chunks(tok, tiny_corpus, tmp_path):
+@pytest.mark.parametrize("encode_chars", [2**16, 150])
+def test_iter_text_chunks_streams_the_same_chunks(tok, tiny_corpus, tmp_path, monkeypatch, encode_chars):
+    monkeypatch.setattr(chunking, "ENCODE_CHARS", encode_chars)
     texts = [p.read_text() for p in sorted(tiny_corpus.rglob("*"))[:40] if p.is_file()]
     text = "é中🙂 mixed\n".join(texts) + "tail without newline 中文"
     path = tmp_path / "big.txt"
