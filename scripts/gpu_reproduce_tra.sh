@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Reproduce the seed's TRA table with the 87M `paper` compressor on one GPU.
+#
+#   stage 1 (`train`): build a Python-code corpus from the GPU machine's own site-packages
+#     and a Python-docs corpus, both with the carried 32768-token tokenizer, then train
+#     the `paper` preset (bf16 autocast, torch.compile, fused AdamW) under a wall budget.
+#   stage 2 (`eval`): TRA on held-out documents of code (in-domain), docs (semi-OOD) and
+#     random tokens (full-OOD); latent UMAP / t-SNE plots.
+#
+# Usage: bash scripts/gpu_reproduce_tra.sh train|eval|all
+#   env: TOKENIZER (tokenizer.json, vocab 32768), STEPS, WALL_S, BATCH, MAX_TOKENS
+set -euo pipefail
+stage=${1:-all}
+source scripts/gpu_setup.sh
+TOKENIZER=${TOKENIZER:-.gpu/tokenizer-32k.json}
+CK=$CIR_HOME/runs/paper-compressor
+STEPS=${STEPS:-5000}
+WALL_S=${WALL_S:-390}
+BATCH=${BATCH:-64}
+MAX_TOKENS=${MAX_TOKENS:-80000000}
+export COLUMNS=140
+
+if [[ $stage == train || $stage == all ]]; then
+  SECONDS=0
+  [[ -d $CIR_HOME/datasets/gpu-code ]] || route-cli data build gpu-code --source python-code \
+    --tokenizer "$TOKENIZER" --max-tokens "$MAX_TOKENS"
+  [[ -d $CIR_HOME/datasets/gpu-docs ]] || route-cli data build gpu-docs --source python-docs \
+    --tokenizer "$TOKENIZER" --max-tokens 5000000
+  echo "data built in ${SECONDS}s"
+  route-cli data info gpu-code --json > "$OUT/data_code.json"
+  route-cli data info gpu-docs --json > "$OUT/data_docs.json"
+  STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH CK=$CK python3 -P - <<'PY'
+import json, os, time
+from cir.compressor.train import default_train_config, train_compressor
+cfg = default_train_config(
+    "paper", steps=int(os.environ["STEPS"]), batch_size=int(os.environ["BATCH"]), lr=5e-4,
+    warmup_steps=300, log_every=50, eval_every=1000, eval_batches=8, ckpt_every=1000,
+    compile=True, device="cuda", max_wall_s=float(os.environ["WALL_S"]),
+)
+t0 = time.time()
+def show(r):
+    if r["event"] == "train" and r["step"] % 500 == 0 or r["event"] == "eval":
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+res = train_compressor("gpu-code", os.environ["CK"], preset="paper", train_cfg=cfg, on_log=show)
+print(json.dumps({"steps": res.step, "stopped_early": res.stopped_early, "wall_s": time.time() - t0,
+                  "last": res.last, "last_eval": res.last_eval}))
+PY
+  cp "$CK/metrics.jsonl" "$OUT/metrics.jsonl"
+fi
+
+if [[ $stage == eval || $stage == all ]]; then
+  route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data random --split test \
+    --device cuda --batch-size 128 --json > "$OUT/tra.json"
+  route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data random --split test \
+    --device cuda --batch-size 128 --markdown
+  route-cli analyze plot --compressor "$CK" --data gpu-code --data gpu-docs --data random \
+    --method umap --method tsne --method pca --max-chunks 400 --out /tmp/plots --json > "$OUT/latents.json"
+  ls /tmp/plots
+  cp /tmp/plots/*umap*.png /tmp/plots/*tsne*.png "$OUT/" 2>/dev/null || true
+fi
