@@ -35,9 +35,17 @@ def chunk_ids(ids: np.ndarray | list[int], seq_len: int, dtype: type = np.int64)
     return out, lengths
 
 
+def encode_long(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """Token ids ``int64 [L]`` of a text of any length, encoded piecewise (same ids as one call)."""
+    if len(text) <= ENCODE_CHARS:
+        return np.asarray(encode(tokenizer, text), dtype=np.int64)
+    parts = [np.asarray(encode(tokenizer, sub), dtype=np.int64) for sub in _sub_pieces(text, ENCODE_CHARS)]
+    return np.concatenate(parts)
+
+
 def chunk_text(text: str, tokenizer: Tokenizer, seq_len: int = DEFAULT_SEQ_LEN) -> tuple[np.ndarray, np.ndarray]:
     """Token chunks of ``text``: ids ``int64 [N, T]`` (tail padded with PAD_ID), lengths ``int32 [N]``."""
-    return chunk_ids(encode(tokenizer, text), seq_len)
+    return chunk_ids(encode_long(tokenizer, text), seq_len)
 
 
 # Under the byte-level BPE pre-tokeniser a whitespace run W before a visible character c
@@ -114,7 +122,7 @@ def iter_text_chunks(
     for piece in _text_pieces(path, max_bytes_per_read):
         # encode in small pieces: one Encoding costs ~100 bytes per token
         for sub in _sub_pieces(piece, ENCODE_CHARS):
-            pending = np.concatenate([pending, np.asarray(encode(tokenizer, sub), dtype=np.int64)])
+            pending = np.concatenate([pending, encode_long(tokenizer, sub)])
             full = len(pending) // seq_len * seq_len
             if full:
                 yield chunk_ids(pending[:full], seq_len)

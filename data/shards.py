@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from cir.data.chunking import DEFAULT_SEQ_LEN, chunk_ids
+from cir.data.chunking import DEFAULT_SEQ_LEN, ENCODE_CHARS, chunk_ids, encode_long
 from cir.data.sources import Document, SkipStats, iter_documents
 from cir.data.split import SPLITS, split_of
 from cir.data.tokenizer import (
@@ -48,6 +48,7 @@ from cir.paths import datasets_dir
 
 FORMAT_VERSION = 1
 ENCODE_BATCH = 64
+BATCH_CHARS = 2**20
 TOKENIZER_TRAIN_BYTES = 64 * 2**20
 TRAIN_BYTES_PER_TOKEN = 4  # about what a trained 8K BPE gives on code and prose: the text the budget encodes
 
@@ -86,14 +87,14 @@ class SplitWriter:
         self._bin = open(self.root / f"{self.split}.bin", "wb")  # noqa: SIM115 - closed in close()
         self._len = open(self.root / f"{self.split}.len", "wb")  # noqa: SIM115
 
-    def add(self, text_bytes: int, ids: list[int]) -> None:
+    def add(self, text_bytes: int, ids: np.ndarray) -> None:
         self.documents += 1
         self.tokens += len(ids)
         self.bytes += text_bytes
         if not self.pack:
             self._write(*chunk_ids(ids, self.seq_len, self.dtype))
             return
-        self._buffer.append(np.asarray([*ids, EOS_ID], dtype=np.int64))
+        self._buffer.append(np.append(ids, EOS_ID).astype(np.int64))
         self._buffered += len(ids) + 1
         if self._buffered >= self.seq_len:
             self._flush_packed(final=False)
@@ -119,15 +120,31 @@ class SplitWriter:
         return {"documents": self.documents, "tokens": self.tokens, "chunks": self.chunks, "bytes": self.bytes}
 
 
-def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+def _batches(docs: Iterable[Document], size: int, max_chars: int) -> Iterator[list[Document]]:
+    """Groups of up to ``size`` documents and about ``max_chars`` characters."""
     batch: list[Document] = []
+    chars = 0
     for doc in docs:
         batch.append(doc)
-        if len(batch) == size:
+        chars += len(doc.text)
+        if len(batch) == size or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
+
+
+def _encode_batch(tok: Tokenizer, batch: list[Document]) -> list[np.ndarray]:
+    """Ids of each document; long ones piecewise, so one Encoding never holds megabytes."""
+    short = [i for i, d in enumerate(batch) if len(d.text) <= ENCODE_CHARS]
+    out: list[np.ndarray] = [np.zeros(0, np.int64)] * len(batch)
+    encodings = tok.encode_batch([batch[i].text for i in short], add_special_tokens=False)
+    for i, enc in zip(short, encodings, strict=True):
+        out[i] = np.asarray(enc.ids, dtype=np.int64)
+    for i, doc in enumerate(batch):
+        if len(doc.text) > ENCODE_CHARS:
+            out[i] = encode_long(tok, doc.text)
+    return out
 
 
 def _dedup(docs: Iterable[Document], stats: SkipStats) -> Iterator[Document]:
@@ -181,10 +198,9 @@ def _encode_all(
     max_tokens: int | None, on_progress: ProgressFn | None,
 ) -> bool:
     """Encode and write every document; True when the train budget stopped the stream."""
-    for batch in _batches(docs, ENCODE_BATCH):
-        encodings = tok.encode_batch([d.text for d in batch], add_special_tokens=False)
-        for doc, enc in zip(batch, encodings, strict=True):
-            writers[split_of(doc.id)].add(len(doc.text.encode("utf-8", "surrogatepass")), enc.ids)
+    for batch in _batches(docs, ENCODE_BATCH, BATCH_CHARS):
+        for doc, ids in zip(batch, _encode_batch(tok, batch), strict=True):
+            writers[split_of(doc.id)].add(len(doc.text.encode("utf-8", "surrogatepass")), ids)
             if max_tokens is not None and writers["train"].tokens >= max_tokens:
                 break
         if on_progress is not None:

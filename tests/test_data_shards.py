@@ -221,3 +221,17 @@ def test_random_chunks_deterministic_and_in_range():
     counts = np.bincount(ids.reshape(-1).numpy(), minlength=100)[2:]
     assert counts.min() > 0  # roughly uniform over [2, vocab)
     assert a.seq_len == 32 and a.vocab_size == 100 and a.tokenizer_path is None
+
+
+def test_piecewise_encoding_equals_one_call(tok, tiny_corpus, tiny_tokenizer, tmp_path, monkeypatch):
+    text = "\n".join(p.read_text() for p in sorted(tiny_corpus.rglob("*")) if p.is_file())
+    want = encode(tok, text)
+    monkeypatch.setattr(chunking, "ENCODE_CHARS", 300)
+    assert chunking.encode_long(tok, text).tolist() == want
+    monkeypatch.setattr(shards, "ENCODE_CHARS", 300)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "long.txt").write_text(text)
+    build_dataset(tmp_path / "ds", str(tmp_path / "src"), tokenizer=tiny_tokenizer, seq_len=SEQ)
+    split = split_of("file:long.txt")
+    ds = open_dataset(tmp_path / "ds", split)
+    assert np.asarray(ds.ids).reshape(-1)[: int(ds.lengths.sum())].tolist() == want
