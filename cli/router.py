@@ -50,13 +50,14 @@ def render_report(report: Any, per_chunk: bool = False) -> None:
     res = report.result
     dec = res.decision()
     table = Table(title=None, show_edge=False)
-    for col in ("expert", "TRA", "loss", "routed", "threshold"):
+    for col in ("expert", "TRA", "loss", "routed", "min TRA", "max loss"):
         table.add_column(col, justify="left" if col == "expert" else "right")
     means = res.expert_means()
-    for name, thr in zip(res.names, res.thresholds, strict=True):
+    ceilings = res.loss_thresholds or [None] * len(res.names)
+    for name, thr, ceil in zip(res.names, res.thresholds, ceilings, strict=True):
         mark = " *" if name == dec["loss_weighted"] else ""
         table.add_row(name + mark, _fmt(means[name]["tra"]), _fmt(means[name]["loss"]),
-                      f"{dec['shares'].get(name, 0.0):.0%}", _fmt(thr))
+                      f"{dec['shares'].get(name, 0.0):.0%}", _fmt(thr), _fmt(ceil))
     verdict = dec["majority"]
     ood = "[red]unknown (out of every mounted domain)[/]" if verdict == "unknown" else "in domain"
     console.print(f"{head}  {len(res)} chunks, {int(res.n_tokens.sum())} tokens")
@@ -207,6 +208,7 @@ def experts_cmd(
         rows.append({"name": name, "ok": error is None, "error": error,
                      "source": meta.get("source"), "bytes": meta.get("bytes"),
                      "params": meta.get("params"), "threshold": cal.get("threshold"),
+                     "loss_threshold": cal.get("loss_threshold"),
                      "tra_mean": cal.get("tra_mean"), "created_at": meta.get("created_at")})
     if as_json:
         print_json({"registry": str(reg.root), "experts": rows})
@@ -219,16 +221,20 @@ def _render_experts(reg: Any, rows: list[dict[str, Any]]) -> None:
         console.print(f"no experts in {reg.root}: run `route-cli quickstart` or `route-cli mount`")
         return
     table = Table(title=str(reg.root))
-    for col in ("expert", "status", "source", "size", "params (comp / LM)", "threshold", "held-out TRA"):
+    for col in ("expert", "status", "source", "size", "params (comp / LM)", "min TRA",
+                "max loss", "held-out TRA"):
         table.add_column(col)
     for r in rows:
-        status = "ok" if r["ok"] else f"[red]CORRUPTED[/] {r['error']}"
+        status = "ok" if r["ok"] else "[red]CORRUPTED[/]"
         params = r["params"] or {}
         table.add_row(r["name"], status, str(r["source"] or "-"),
                       "-" if r["bytes"] is None else f"{r['bytes'] / 2**20:.1f} MiB",
                       f"{params.get('compressor', 0):,} / {params.get('lm', 0):,}",
-                      _fmt(r["threshold"]), _fmt(r["tra_mean"]))
+                      _fmt(r["threshold"]), _fmt(r["loss_threshold"]), _fmt(r["tra_mean"]))
     console.print(table)
+    for r in rows:
+        if not r["ok"]:
+            console.print(f"[red]corrupted:[/] {r['error']} (unmount and mount it again)")
 
 
 # ----------------------------------------------------------------------------- quickstart

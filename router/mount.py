@@ -31,7 +31,7 @@ import filelock
 import numpy as np
 import torch
 from cir.router.registry import ExpertExistsError, ExpertInfo, Registry, RegistryError, sha256_file
-from cir.router.routing import DEFAULT_MARGIN, DEFAULT_QUANTILE, calibrate
+from cir.router.routing import DEFAULT_LOSS_MARGIN, DEFAULT_MARGIN, DEFAULT_QUANTILE, calibrate
 
 # LM training settings per preset (the compressor has its own in cir.compressor.train).
 LM_TRAIN: dict[str, dict[str, Any]] = {
@@ -56,6 +56,7 @@ class MountConfig:
     calib_chunks: int = 256
     quantile: float = DEFAULT_QUANTILE
     margin: float = DEFAULT_MARGIN
+    loss_margin: float = DEFAULT_LOSS_MARGIN
     device: str = "auto"
     seed: int = 0
     compressor_overrides: dict[str, Any] = field(default_factory=dict)  # model fields
@@ -149,7 +150,8 @@ def _calibrate(work: Path, data: Path, cfg: MountConfig) -> dict[str, Any]:
 
     model = load_checkpoint(work / "compressor")
     ids, mask = held_out(data, cfg.calib_chunks)
-    return calibrate(model, ids, mask, quantile=cfg.quantile, margin=cfg.margin)
+    return calibrate(model, ids, mask, quantile=cfg.quantile, margin=cfg.margin,
+                     loss_margin=cfg.loss_margin)
 
 
 def _meta(source: Any, data: Path, cfg: MountConfig, results: dict[str, Any]) -> dict[str, Any]:

@@ -137,6 +137,11 @@ class ExpertInfo:
         value = self.calibration.get("threshold")
         return None if value is None else float(value)
 
+    @property
+    def loss_threshold(self) -> float | None:
+        value = self.calibration.get("loss_threshold")
+        return None if value is None else float(value)
+
     def checkpoint(self, part: str) -> Path:
         return self.path / part
 
@@ -156,6 +161,10 @@ class Expert:
     @property
     def threshold(self) -> float | None:
         return self.info.threshold
+
+    @property
+    def loss_threshold(self) -> float | None:
+        return self.info.loss_threshold
 
     def lm(self, device: str = "cpu") -> Any:
         if self._lm is None:

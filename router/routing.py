@@ -7,13 +7,17 @@ Every mounted compressor reconstructs every chunk. Per chunk:
 - the route is the expert with the lowest loss; soft weights are ``softmax(-loss / T)``
   (for mixtures of experts, e.g. weighting the experts' LMs);
 - the chunk is **unknown** (out of every mounted domain) when the routed expert's TRA is
-  below that expert's calibrated threshold.
+  below that expert's calibrated threshold, or its loss above its calibrated loss ceiling.
 
 Calibration rule (at mount, on held-out in-domain chunks, see :func:`calibrate`):
-``threshold = max(0, quantile_q(held-out TRA) - margin)`` with ``q = 0.01`` and
-``margin = 0.02`` by default, i.e. about 1% of in-domain chunks minus a safety margin are
-expected to be flagged. Both are configurable; the quantiles are stored in
-``calibration.json`` so a threshold can be re-derived without re-scoring.
+``threshold = max(0, quantile_q(held-out TRA) - margin)`` and
+``loss_threshold = quantile_{1-q}(held-out loss) + loss_margin`` with ``q = 0.01``,
+``margin = 0.02`` and ``loss_margin = 0.1`` nats by default, i.e. about 1% of in-domain
+chunks (less the margins) are expected to be flagged. The TRA rule is the paper's signal
+for a well-trained compressor; the loss ceiling still separates OOD text when a small,
+briefly trained compressor reconstructs few tokens exactly (TRA near 0 everywhere). All
+are configurable; the quantiles are stored in ``calibration.json`` so thresholds can be
+re-derived without re-scoring.
 
 Per file, :meth:`RouteResult.decision` gives the token-weighted majority route and the
 loss-weighted route (lowest token-weighted mean loss), and :meth:`RouteResult.segments`
@@ -30,6 +34,7 @@ import torch
 UNKNOWN = "unknown"
 DEFAULT_QUANTILE = 0.01
 DEFAULT_MARGIN = 0.02
+DEFAULT_LOSS_MARGIN = 0.1
 REPORTED_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 
@@ -64,6 +69,7 @@ class RouteResult:
     n_tokens: torch.Tensor  # [N]
     thresholds: list[float | None]
     temperature: float = 1.0
+    loss_thresholds: list[float | None] | None = None
     route: torch.Tensor = field(init=False)  # [N] index into names
     weights: torch.Tensor = field(init=False)  # [N, E], rows sum to 1
     unknown: torch.Tensor = field(init=False)  # [N] bool
@@ -75,6 +81,10 @@ class RouteResult:
         thr = torch.tensor([-1.0 if t is None else t for t in self.thresholds])  # [E]
         best_tra = self.tra.gather(1, self.route[:, None]).squeeze(1)  # [N]
         self.unknown = torch.nan_to_num(best_tra, nan=-1.0) < thr[self.route]
+        ceilings = self.loss_thresholds or [None] * len(self.names)
+        ceil = torch.tensor([float("inf") if c is None else c for c in ceilings])  # [E]
+        best_loss = loss.gather(1, self.route[:, None]).squeeze(1)  # [N]
+        self.unknown |= best_loss > ceil[self.route].double()
 
     def __len__(self) -> int:
         return self.loss.shape[0]
@@ -152,6 +162,7 @@ class RouteResult:
             n_tokens=torch.cat([p.n_tokens for p in parts]),
             thresholds=first.thresholds,
             temperature=first.temperature,
+            loss_thresholds=first.loss_thresholds,
         )
 
 
@@ -179,6 +190,7 @@ def route_chunks(
         n_tokens=mask.sum(1).cpu(),
         thresholds=[e.threshold for e in experts],
         temperature=temperature,
+        loss_thresholds=[getattr(e, "loss_threshold", None) for e in experts],
     )
 
 
@@ -197,10 +209,12 @@ def calibrate(
     quantile: float = DEFAULT_QUANTILE,
     margin: float = DEFAULT_MARGIN,
     batch_size: int | None = None,
+    loss_margin: float = DEFAULT_LOSS_MARGIN,
 ) -> dict[str, Any]:
-    """The OOD threshold of a compressor from held-out in-domain chunks ``[N, T]``.
+    """The OOD thresholds of a compressor from held-out in-domain chunks ``[N, T]``.
 
-    ``threshold = max(0, quantile_q(TRA) - margin)``; the TRA and loss quantiles are kept."""
+    ``threshold = max(0, quantile_q(TRA) - margin)``,
+    ``loss_threshold = quantile_{1-q}(loss) + loss_margin``; the quantiles are kept."""
     if not 0.0 <= quantile < 1.0:
         raise ValueError(f"quantile must be in [0, 1), got {quantile}")
     if ids.shape[0] == 0:
@@ -210,10 +224,13 @@ def calibrate(
     qs = torch.tensor(REPORTED_QUANTILES, dtype=torch.float64)
     q_tra = float(torch.quantile(tra, quantile))
     return {
-        "rule": "threshold = max(0, quantile(held-out TRA, q) - margin)",
+        "rule": "unknown if TRA < max(0, quantile(held-out TRA, q) - margin) or "
+                "loss > quantile(held-out loss, 1 - q) + loss_margin",
         "quantile": quantile,
         "margin": margin,
+        "loss_margin": loss_margin,
         "threshold": max(0.0, q_tra - margin),
+        "loss_threshold": float(torch.quantile(loss, 1.0 - quantile)) + loss_margin,
         "n_chunks": int(ids.shape[0]),
         "n_tokens": int(mask.sum()),
         "tra_mean": float(tra.mean()),

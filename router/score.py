@@ -70,6 +70,8 @@ class FileReport:
                 decision=res.decision(),
                 experts=res.expert_means(),
                 thresholds=dict(zip(res.names, res.thresholds, strict=True)),
+                loss_thresholds=dict(zip(res.names, res.loss_thresholds or [None] * len(res.names),
+                                         strict=True)),
                 segments=[s.__dict__ for s in res.segments()],
             )
             if per_chunk:

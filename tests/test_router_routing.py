@@ -57,6 +57,18 @@ def test_routes_to_lowest_loss_and_flags_unknown():
     assert res.n_tokens.tolist() == [4, 4, 4, 4, 4, 2]
 
 
+def test_loss_ceiling_flags_unknown():
+    ids, mask = _chunks(6)
+    experts = _experts(thr=None)
+    for e in experts:
+        e.loss_threshold = 2.1
+    res = route_chunks(experts, ids, mask)
+    # chunk 5: best loss 5.0 > 2.1; chunk 4: 0.4 fine
+    assert res.labels() == ["code", "code", "code", "prose", "prose", "unknown"]
+    experts[1].loss_threshold = 0.35
+    assert route_chunks(experts, ids, mask).labels()[3:] == ["prose", "unknown", "unknown"]
+
+
 def test_without_threshold_nothing_is_unknown():
     ids, mask = _chunks(6)
     res = route_chunks(_experts(thr=None), ids, mask)
@@ -115,10 +127,13 @@ def test_calibrate_threshold_is_quantile_minus_margin():
     mask = torch.ones_like(ids, dtype=torch.bool)
     cal = calibrate(scorer, ids, mask, quantile=0.1, margin=0.05)
     assert cal["threshold"] == pytest.approx(float(torch.quantile(tra.double(), 0.1)) - 0.05)
+    loss = (1 - tra).double()
+    assert cal["loss_threshold"] == pytest.approx(float(torch.quantile(loss, 0.9)) + 0.1)
     assert cal["n_chunks"] == 101
     assert cal["tra_quantiles"]["0.5"] == pytest.approx(0.75)
     # with the threshold, 10% of in-domain chunks (minus the margin) are flagged: none here
     exp = FakeExpert("d", scorer, cal["threshold"])
+    exp.loss_threshold = cal["loss_threshold"]
     assert not route_chunks([exp], ids, mask).unknown.any()
     with pytest.raises(ValueError):
         calibrate(scorer, ids[:0], mask[:0])
