@@ -180,7 +180,7 @@ def test_cli_experts_and_unmount(tiny_tokenizer, tmp_path):
     res = runner.invoke(app, ["experts", "--registry", str(reg.root), "--json"])
     rows = {r["name"]: r for r in json.loads(res.stdout)["experts"]}
     assert not rows["code"]["ok"] and rows["prose"]["ok"]
-    assert "CORRUPTED" in runner.invoke(app, ["experts", "--registry", str(reg.root)]).stdout
+    assert "corrupted: code" in runner.invoke(app, ["experts", "--registry", str(reg.root)]).stdout
     res = runner.invoke(app, ["unmount", "nope", "--registry", str(reg.root), "--yes"])
     assert res.exit_code == 2 and "mounted: code, prose" in res.output
     res = runner.invoke(app, ["unmount", "code", "--registry", str(reg.root), "--yes"])
