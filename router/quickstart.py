@@ -36,8 +36,8 @@ QUICK = dict(
     calib_chunks=64,
     compressor_overrides=dict(d_model=64, n_heads=2, n_enc_layers=1, n_dec_layers=1, d_ff=256),
     lm_overrides=dict(n_embd=64, n_head=4, n_blocks=1, n_hidden=1, ffn_hidden=192),
-    compressor_train=dict(steps=120, batch_size=8, lr=3e-3, warmup_steps=8, eval_every=1000,
-                          ckpt_every=40, log_every=5, max_wall_s=75.0),
+    compressor_train=dict(steps=200, batch_size=8, lr=3e-3, warmup_steps=8, eval_every=1000,
+                          ckpt_every=50, log_every=5, max_wall_s=70.0),
     lm_train=dict(steps=16, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=1000,
                   ckpt_every=8, log_every=4, max_wall_s=20.0),
 )
