@@ -142,9 +142,13 @@ class FileSet:
     label: str
     accept: Callable[[Path], bool] = lambda p: True
     skip_dirs: frozenset[str] = frozenset()
+    files: tuple[Path, ...] | None = None  # given files under root, instead of walking it
 
 
 def _walk(fs: FileSet) -> Iterator[Path]:
+    if fs.files is not None:
+        yield from fs.files
+        return
     for dirpath, dirnames, filenames in os.walk(fs.root):
         here = Path(dirpath)
         dirnames[:] = sorted(
@@ -202,21 +206,21 @@ def path_documents(spec: str | os.PathLike | list, opts: ReadOptions) -> Iterato
     """A directory, a file, a glob, or a list of them; ids relative to each root."""
     specs = spec if isinstance(spec, (list, tuple)) else [spec]
     filesets: list[FileSet] = []
+    files: list[Path] = []
     for item in specs:
         path = Path(item).expanduser()
         if path.is_dir():
             filesets.append(FileSet(path, ""))
         elif path.is_file():
-            filesets.append(FileSet(path.parent, "", _only(path)))
+            files.append(path)
         elif glob.has_magic(str(item)):
             filesets.extend(_glob_filesets(str(Path(item).expanduser())))
         else:
             raise UnknownSourceError(f"no such file, directory or source: {item!s}. {_valid_names()}")
+    if files:  # ids relative to the files' common folder, so equal names stay distinct
+        root = Path(os.path.commonpath([f.absolute().parent for f in files]))
+        filesets.append(FileSet(root, "", files=tuple(f.absolute() for f in files)))
     return file_documents("file", filesets, opts)
-
-
-def _only(path: Path) -> Callable[[Path], bool]:
-    return lambda p: p == path
 
 
 def _glob_filesets(pattern: str) -> list[FileSet]:
@@ -224,8 +228,7 @@ def _glob_filesets(pattern: str) -> list[FileSet]:
     if not matches:
         raise UnknownSourceError(f"glob matches no file: {pattern}")
     root = Path(os.path.commonpath([m.parent for m in matches]))
-    wanted = set(matches)
-    return [FileSet(root, "", lambda p: p in wanted)]
+    return [FileSet(root, "", files=tuple(m for m in matches if not m.is_symlink()))]
 
 
 # --------------------------------------------------------------------------- built-in corpora

@@ -57,6 +57,14 @@ def test_glob_and_file_list_sources(tiny_corpus):
     two = sorted((tiny_corpus / "prose").rglob("*.txt"))[:2]
     listed = list(iter_documents([str(p) for p in two]))
     assert sorted(d.text for d in listed) == sorted(p.read_text() for p in two)
+    (one,) = iter_documents(str(two[0]))
+    assert one.id == f"file:{two[0].name}"
+
+
+def test_same_file_names_in_a_list_get_distinct_ids(tmp_path):
+    a = _write(tmp_path / "a" / "x.txt", "first")
+    b = _write(tmp_path / "b" / "x.txt", "second")
+    assert sorted(d.id for d in iter_documents([str(a), str(b)])) == ["file:a/x.txt", "file:b/x.txt"]
 
 
 def test_unknown_source_lists_valid_names(tmp_path):
