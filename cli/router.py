@@ -216,20 +216,26 @@ def experts_cmd(
     _render_experts(reg, rows)
 
 
+def _short(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
 def _render_experts(reg: Any, rows: list[dict[str, Any]]) -> None:
     if not rows:
         console.print(f"no experts in {reg.root}: run `route-cli quickstart` or `route-cli mount`")
         return
     table = Table(title=str(reg.root))
-    for col in ("expert", "status", "source", "size", "params (comp / LM)", "min TRA",
-                "max loss", "held-out TRA"):
-        table.add_column(col)
+    table.add_column("expert", no_wrap=True)
+    for col in ("status", "size", "params comp/LM", "min TRA", "max loss", "held-out TRA"):
+        table.add_column(col, justify="right")
     for r in rows:
         status = "ok" if r["ok"] else "[red]CORRUPTED[/]"
         params = r["params"] or {}
-        table.add_row(r["name"], status, str(r["source"] or "-"),
+        table.add_row(r["name"], status,
                       "-" if r["bytes"] is None else f"{r['bytes'] / 2**20:.1f} MiB",
-                      f"{params.get('compressor', 0):,} / {params.get('lm', 0):,}",
+                      f"{_short(params.get('compressor'))}/{_short(params.get('lm'))}",
                       _fmt(r["threshold"]), _fmt(r["loss_threshold"]), _fmt(r["tra_mean"]))
     console.print(table)
     for r in rows:
