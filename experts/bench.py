@@ -179,6 +179,7 @@ def _point(
         if not _is_oom(exc):
             raise
         point.error = "oom"
+    if point.error:  # outside the handler: the failed frames' tensors are released by now
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return point
