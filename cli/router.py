@@ -385,10 +385,10 @@ def continual_cmd(
 
 def _render_continual(out: dict[str, Any]) -> None:
     a, b, c = out["domains"]
-    table = Table(title=f"mounting {c} after {a} and {b} ({out['wall_s']:.0f} s)")
-    for col in ("held-out domain", "routing acc before", "routing acc after",
-                "routed ppl before", "routed ppl after", "oracle ppl after",
-                f"sequential LM ppl after {b}", f"after {c}"):
+    table = Table(title=f"mounting C={c} after A={a}, B={b} ({out['wall_s']:.0f} s)")
+    table.add_column("held-out", no_wrap=True)
+    for col in ("route acc A+B", "route acc +C", "routed ppl A+B", "routed ppl +C",
+                "oracle ppl +C", "seq. LM ppl after B", "seq. LM ppl after C"):
         table.add_column(col, justify="right")
     seq = {s["after"]: s["ppl"] for s in out["sequential"]}
     for name in (a, b, c):
