@@ -50,6 +50,12 @@ def test_continual_mount_c_keeps_a_and_b(tiny_corpus, tmp_path):
         assert row["oracle"] <= row["routed"] + 1e-9
     assert [s["after"] for s in out["sequential"]] == ["code", "prose", "ini"]
     assert list(out["sequential"][-1]["ppl"]) == ["code", "prose", "ini"]
+    from cir.cli.common import console
+    from cir.cli.router import _render_continual
+
+    with console.capture() as cap:
+        _render_continual(out)
+    assert "C=ini" in cap.get() and "prose" in cap.get()
     reg = Registry(out["registry"])
     experts = reg.load().experts
     ids, mask = held_out(reg.data_dir("code"), 4, split="test")
