@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -118,3 +119,29 @@ def test_mount_killed_halfway_then_resumed(tiny_corpus, tiny_tokenizer, tmp_path
                                compressor_train={"ckpt_every": 5}))
     assert result.resumed and reg.names() == ["code"] and reg.load().errors == []
     assert not any(p.name.startswith(".tmp-") for p in Path(reg.root).iterdir())
+
+
+def test_concurrent_mounts(tiny_corpus, tiny_tokenizer, tmp_path):
+    reg = Registry(tmp_path / "registry")
+    reg.set_tokenizer(tiny_tokenizer)
+    jobs = [("code", "code"), ("prose", "prose"), ("prose", "prose")]
+    outcomes: dict[int, object] = {}
+
+    def run(i: int, name: str, sub: str) -> None:
+        try:
+            mount(Registry(reg.root), name, str(tiny_corpus / sub), MountConfig(**FAST))
+            outcomes[i] = "ok"
+        except RegistryError as exc:  # the same name: refused while running, or mounted
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reg.names() == ["code", "prose"] and reg.load().errors == []
+    assert outcomes[0] == "ok"
+    prose = [outcomes[1], outcomes[2]]
+    assert prose.count("ok") == 1
+    err = next(o for o in prose if o != "ok")
+    assert "already running" in str(err) or "already mounted" in str(err)
