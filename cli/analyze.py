@@ -35,6 +35,12 @@ def _compressor(ckpt: Path, device: str = "cpu") -> Any:
     return model
 
 
+def _model_name(ckpt: Path) -> str:
+    """``EXPERT/compressor`` for a registry expert's checkpoint, else the directory name."""
+    ckpt = Path(ckpt).resolve()
+    return f"{ckpt.parent.name}/{ckpt.name}" if ckpt.name == "compressor" else ckpt.name
+
+
 def _registry(path: Path | None) -> Any:
     from cir.router.registry import Registry
 
@@ -46,12 +52,12 @@ def _registry(path: Path | None) -> Any:
 
 def _table_datasets(model: Any, in_domain: list[str], semi: list[str], full: list[str],
                     split: str) -> dict[str, tuple[str, Any]]:
-    from cir.router.analysis import open_eval_dataset
+    from cir.router.analysis import dataset_label, open_eval_dataset
 
     out: dict[str, tuple[str, Any]] = {}
     for role, names in (("in-domain", in_domain), ("semi-OOD", semi), ("full-OOD", full)):
         for name in names:
-            out[name] = (role, open_eval_dataset(name, split, like=model))
+            out[dataset_label(name)] = (role, open_eval_dataset(name, split, like=model))
     return out
 
 
@@ -109,7 +115,7 @@ def table_cmd(
             sets = _table_datasets(model, in_domain, semi_ood, full_ood, split)
             task = bar.add_task("score", total=sum(min(len(d), max_chunks or len(d))
                                                    for _, d in sets.values()), info="")
-            rows = tra_table(model, sets, name=compressor.name, max_chunks=max_chunks,
+            rows = tra_table(model, sets, name=_model_name(compressor), max_chunks=max_chunks,
                              on_batch=lambda n, k: bar.update(task, advance=k, info=n))
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +149,8 @@ def _print_table(rows: list[Any], split: str) -> None:
 @handle_errors
 def plot_cmd(
     compressor: Path = typer.Option(..., "--compressor", help="Compressor checkpoint."),
-    data: list[str] = typer.Option(..., "--data", help="Dataset (or random); repeat."),
+    data: list[str] = typer.Option(..., "--data", help="Dataset (or random), optionally "
+                                   "LABEL=DATASET; repeat."),
     method: list[str] = typer.Option(["umap", "tsne", "pca"], "--method",
                                      help="umap | tsne | pca; repeat."),
     pooling: str = typer.Option("flat", help="flat ([8*d]) | mean ([d]) latents."),
@@ -164,6 +171,7 @@ def plot_cmd(
     """
     from cir.router.analysis import (
         collect_latents,
+        dataset_label,
         latent_plots,
         open_eval_dataset,
         pool_latents,
@@ -172,26 +180,35 @@ def plot_cmd(
     from cir.paths import cir_home
 
     model = _compressor(compressor)
-    sets = {name: open_eval_dataset(name, split, like=model) for name in data}
+    specs = dict(item.split("=", 1) if "=" in item else (dataset_label(item), item)
+                 for item in data)
+    sets = {label: open_eval_dataset(spec, split, like=model) for label, spec in specs.items()}
+    title = _model_name(compressor)
     out = out or cir_home() / "plots" / "latents"
     with progress(disable=as_json) as bar:
         task = bar.add_task("latents", total=len(method) + 1, info="encode")
         z, labels = collect_latents(model, sets, max_chunks=max_chunks)
         bar.update(task, advance=1)
         report = latent_plots(pool_latents(z, pooling), labels, out, methods=method,
-                              pooling=pooling, title=compressor.name, seed=seed,
+                              pooling=pooling, title=title, seed=seed,
                               on_method=lambda m: bar.update(task, advance=1, info=m))
     if as_json:
         print_json(report.to_dict())
         return
     s = report.summary
-    table = Table(title=f"latents of {compressor.name} ({pooling}, {s['dim']} dims)")
+    table = Table(title=f"latents of {title} ({pooling}, {s['dim']} dims)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("chunks", ", ".join(f"{k} {v}" for k, v in s["domains"].items()))
     table.add_row("linear separability (5-fold CV)", f"{100 * s['linear_separability']:.2f}%")
     table.add_row("silhouette", f"{s['silhouette']:.3f}")
     table.add_row("PCA components for 95% var.", f"{s['pca_components_95']} / {s['dim']}")
+    for dom, n in s["pca_components_95_by_domain"].items():
+        table.add_row(f"  PCA-95% of {dom} alone", f"{n} / {s['dim']}")
+    if "without_random" in s:
+        w = s["without_random"]
+        table.add_row("without random: linear sep.", f"{100 * w['linear_separability']:.2f}%")
+        table.add_row("without random: silhouette", f"{w['silhouette']:.3f}")
     for m, p in report.plots.items():
         table.add_row(f"{m} plot", str(p))
     console.print(table)

@@ -132,3 +132,24 @@ def test_ood_metrics_against_sklearn_and_a_hand_computation():
     assert r["fpr95"] == pytest.approx(3 / 8)
     wins = sum((o > i) + 0.5 * (o == i) for o in ood for i in ind)
     assert r["auroc"] == pytest.approx(wins / (20 * 8))
+
+
+def test_summary_without_random_and_per_domain_pca():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, 6)) @ np.diag([1, 1, 0, 0, 0, 0])  # rank 2
+    b = rng.normal(size=(40, 6)) @ np.diag([0, 0, 1, 1, 1, 0]) + 5.0  # rank 3
+    r = rng.normal(size=(40, 6)) * 100.0  # huge variance: dominates the pooled PCA
+    x = np.concatenate([a, b, r])
+    y = np.array(["a"] * 40 + ["b"] * 40 + ["random"] * 40)
+    s = latent_summary(x, y)
+    assert s["pca_components_95_by_domain"] == {"a": 2, "b": 3, "random": 6}
+    assert s["without_random"]["domains"] == {"a": 40, "b": 40}
+    assert s["without_random"]["linear_separability"] == pytest.approx(1.0)
+    assert "without_random" not in latent_summary(x[:80], y[:80])
+
+
+def test_dataset_label_is_short():
+    from cir.router.analysis import dataset_label
+
+    assert dataset_label("/x/corpora/python-code-4b1626de4724") == "python-code"
+    assert dataset_label("/x/datasets/pycode") == "pycode" and dataset_label("random") == "random"
