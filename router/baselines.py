@@ -379,9 +379,11 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def compute_features(chunks: Chunks, compressors: Sequence[Any], lms: Sequence[Any] | None,
-                     reference: Any, pooling: str = "mean") -> FeatureSet:
-    """All features of ``chunks``: reconstruction losses, LM NLLs (when ``lms``), mean token
-    embeddings, tf-idf documents and the ``reference`` compressor's pooled latents."""
+                     reference: Any, pooling: str = "mean",
+                     kinds: Sequence[str] | None = None) -> FeatureSet:
+    """Features of ``chunks`` (``kinds``, default all): reconstruction losses, LM NLLs (when
+    ``lms``), mean token embeddings, tf-idf documents, the ``reference`` compressor's
+    pooled latents."""
     from cir.router.latent_index import encode_pooled
 
     fs = FeatureSet(chunks)
@@ -394,6 +396,8 @@ def compute_features(chunks: Chunks, compressors: Sequence[Any], lms: Sequence[A
     }
     if lms:
         jobs["nll"] = lambda: lm_nll(lms, ids, mask)
+    if kinds is not None:
+        jobs = {k: v for k, v in jobs.items() if k in kinds}
     for name, job in jobs.items():
         fs.feats[name], fs.seconds[name] = _timed(job)
     return fs
@@ -420,7 +424,7 @@ def evaluate_method(method: str, train: FeatureSet, test: FeatureSet,
     if feat not in test.feats:
         raise ValueError(f"{method} needs feature {feat!r}, which was not computed")
     router, fit_s = _timed(lambda: make_router(method, **router_kw).fit(
-        train.feats[feat], train.chunks.labels))
+        train.feats.get(feat), train.chunks.labels))
     scores, pred_s = _timed(lambda: router.scores(test.feats[feat]))
     id_ood = router.ood_score(test.feats[feat])
     n = len(test.chunks)
@@ -448,7 +452,7 @@ def mount_experiment(method: str, train: FeatureSet, test: FeatureSet,
     before = evaluate_method(method, tr_old, te_old, {}, **router_kw)
     after = evaluate_method(method, train, test, {}, **router_kw)
     feat = FEATURE_OF[method]
-    router = make_router(method, **router_kw).fit(train.feats[feat], train.chunks.labels)
+    router = make_router(method, **router_kw).fit(train.feats.get(feat), train.chunks.labels)
     old_sel = test.chunks.labels < k - 1
     old_scores = router.scores(test.subset(old_sel).feats[feat])
     retrains = method not in ("reconstruction", "likelihood")
@@ -519,10 +523,11 @@ def bench_routing(
     methods = list(methods or [m for m in FEATURE_OF if m != "likelihood" or lms])
     kw = {"n_clusters": n_clusters or 4 * len(names), "k_nn": k_nn, "seed": seed}
 
-    def feats(sets: Sequence[Any], n: int | None) -> FeatureSet:
-        return compute_features(take_chunks(sets, n), comps, lms, comps[0], pooling)
+    def feats(sets: Sequence[Any], n: int | None, kinds: Any = None) -> FeatureSet:
+        return compute_features(take_chunks(sets, n), comps, lms, comps[0], pooling, kinds)
 
-    train = feats([d.train for d in domains.values()], max_train)
+    # reconstruction and likelihood routing fit nothing: no need to score training chunks
+    train = feats([d.train for d in domains.values()], max_train, ("emb", "docs", "latent"))
     test = feats([d.test for d in domains.values()], max_test)
     ood_sets = {k: feats([v], max_test) for k, v in (ood or {}).items()}
     latent_dim = test.feats["latent"].shape[1]
