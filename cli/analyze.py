@@ -356,12 +356,13 @@ def bench_routing_cmd(
 
     Example: route-cli bench routing --ood random --max-test 200
     """
-    from cir.router.analysis import open_eval_dataset
+    from cir.router.analysis import dataset_label, open_eval_dataset
     from cir.router.baselines import bench_routing
 
     domains = _bench_domains(registry, data, with_lm)
     first = next(iter(domains.values())).compressor
-    ood_sets = {name: open_eval_dataset(name, "test", like=first) for name in ood}
+    ood_sets = {dataset_label(name): open_eval_dataset(name, "test", like=first)
+                for name in ood}
     with progress(disable=as_json) as bar:
         task = bar.add_task("routing baselines", total=None, info="features + fits")
         result = bench_routing(domains, ood_sets, max_train=max_train, max_test=max_test,
