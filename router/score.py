@@ -6,6 +6,7 @@ What happens to each kind of input (``FileReport.status`` / ``reason``):
 input                         outcome
 ============================  ===========================================================
 missing path                  ``error``, ``not found``
+symlink loop                  ``error``, ``unreadable: symlink loop``
 unreadable (permissions, ...)  ``error``, ``unreadable: <why>``
 directory                     ``skipped``, ``directory`` (pass its files, e.g. ``dir/*``)
 empty file (0 bytes)          ``skipped``, ``empty``
@@ -26,6 +27,7 @@ only when no file could be scored).
 from __future__ import annotations
 
 import codecs
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -122,6 +124,16 @@ def _file_blocks(path: Path) -> Iterator[bytes]:
             yield block
 
 
+def _missing_reason(path: Path) -> str:
+    """``exists()`` is False for a missing path and for a symlink loop: tell them apart."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "unreadable: symlink loop"
+    return "not found"
+
+
 def _verdict(info: _Sniff) -> tuple[str | None, list[str]]:
     """``(skip reason or None, warnings)`` for a sniffed input."""
     if info.binary:
@@ -174,7 +186,7 @@ def score_path(
         else:
             p = Path(path)
             if not p.exists():
-                return FileReport(name, "error", "not found")
+                return FileReport(name, "error", _missing_reason(p))
             if p.is_dir():
                 return FileReport(name, "skipped", "directory")
             info = sniff(_file_blocks(p))
