@@ -178,6 +178,8 @@ def route_chunks(
         raise ValueError("no experts to route to: mount one first")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     losses, tras = [], []
     for expert in experts:
         s = expert.compressor.score(ids, mask, batch_size=batch_size)
