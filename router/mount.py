@@ -67,6 +67,10 @@ class MountConfig:
     def __post_init__(self) -> None:
         if self.preset not in LM_TRAIN:
             raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(LM_TRAIN)}")
+        for key in ("max_tokens", "steps_compressor", "steps_lm"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key.replace('_', '-')} must be >= 1, got {value}")
 
 
 @dataclass
