@@ -153,3 +153,11 @@ def test_dataset_label_is_short():
 
     assert dataset_label("/x/corpora/python-code-4b1626de4724") == "python-code"
     assert dataset_label("/x/datasets/pycode") == "pycode" and dataset_label("random") == "random"
+
+
+@pytest.mark.slow
+def test_umap_projection_is_deterministic_and_separates_blobs():
+    x, y = blobs(gap=20.0, n=40)
+    a, b = project(x, "umap", seed=0), project(x, "umap", seed=0)
+    np.testing.assert_allclose(a, b)
+    assert linear_separability(a, y) == pytest.approx(1.0)
