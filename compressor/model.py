@@ -102,8 +102,8 @@ CompressorConfig.presets = {
     "debug": dict(vocab_size=512, seq_len=32, n_latents=4, d_model=32, n_heads=2,
                   n_enc_layers=1, n_dec_layers=1, d_ff=64),
     # a useful router trained in minutes on a couple of CPU cores
-    "small": dict(vocab_size=8192, seq_len=512, n_latents=8, d_model=128, n_heads=4,
-                  n_enc_layers=2, n_dec_layers=2, d_ff=512),
+    "small": dict(vocab_size=8192, seq_len=512, n_latents=8, d_model=64, n_heads=2,
+                  n_enc_layers=2, n_dec_layers=2, d_ff=256),
     "base": dict(vocab_size=32768, seq_len=512, n_latents=8, d_model=384, n_heads=6,
                  n_enc_layers=6, n_dec_layers=6, d_ff=1536),
     # the seed's 87M, 512 -> 8 (86.5M with a 32768-token vocabulary)
