@@ -95,7 +95,7 @@ def test_kill9_mount_twenty_trials(tiny_corpus, tiny_tokenizer, tmp_path):
 
 def _train_args(data: Path, out: Path) -> list[str]:
     return ["compressor", "train", "--data", str(data), "--out", str(out), "--preset", "debug",
-            "--steps", "120", "--device", "cpu", "--json"]
+            "--steps", "400", "--device", "cpu", "--json"]
 
 
 def _kill_train_trials(n: int, seed: int, data: Path, tmp_path: Path) -> list[bool]:
@@ -107,7 +107,7 @@ def _kill_train_trials(n: int, seed: int, data: Path, tmp_path: Path) -> list[bo
     for i in range(n):
         out = tmp_path / f"killed{i}"
         for _ in range(2):  # killed twice, at random times, then run to the end
-            killed.append(kill_after(_train_args(data, out), rng.uniform(1.5, 4.5)).killed)
+            killed.append(kill_after(_train_args(data, out), rng.uniform(2.0, 5.0)).killed)
         res = run_cli(_train_args(data, out))
         assert res.returncode == 0, res.stderr
         assert_same_weights(ref / "model.safetensors", out / "model.safetensors")
@@ -120,7 +120,9 @@ def test_kill9_training_resumes_bit_identical(tiny_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_kill9_training_ten_trials(tiny_dataset, tmp_path):
-    assert sum(_kill_train_trials(10, 1, tiny_dataset, tmp_path)) >= 5
+    killed = _kill_train_trials(10, 1, tiny_dataset, tmp_path)
+    print(f"kill -9 training: {sum(killed)}/{len(killed)} kills mid-run, 10/10 bit-identical")
+    assert sum(killed) >= 10
 
 
 def test_score_during_mount_sees_old_or_new_registry(tiny_corpus, tiny_tokenizer, tmp_path):
