@@ -53,6 +53,21 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set key=value`` model config overrides; values parsed as JSON when they can be
+    (numbers, booleans), kept as strings otherwise."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            fail(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
 def print_json(obj: Any) -> None:
     """Machine output on stdout, nothing else."""
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import typer
-from cir.cli.common import console, fail, handle_errors, print_json, progress
+from cir.cli.common import (
+    console,
+    fail,
+    handle_errors,
+    parse_overrides,
+    print_json,
+    progress,
+)
 from rich.table import Table
 
 compressor_app = typer.Typer(
@@ -16,18 +22,6 @@ compressor_app = typer.Typer(
 )
 
 
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` model config overrides; values parsed as JSON when they can be."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            fail(f"--set expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 def _train_info(rec: dict[str, Any]) -> str:
@@ -69,7 +63,7 @@ def train_cmd(
                 bar.update(task, completed=rec["step"], info=_train_info(rec))
 
         result = train_compressor(data, out, preset=preset, train_cfg=cfg,
-                                  overrides=_overrides(set_), on_log=on_log)
+                                  overrides=parse_overrides(set_), on_log=on_log)
     payload = {"out_dir": str(result.out_dir), "step": result.step,
                "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
                "last": result.last,

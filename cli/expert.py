@@ -7,25 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from cir.cli.common import console, fail, handle_errors, print_json, progress
+from cir.cli.common import (
+    console,
+    fail,
+    handle_errors,
+    parse_overrides,
+    print_json,
+    progress,
+)
 from rich.table import Table
 
 expert_app = typer.Typer(help="Expert language models (TLinFormer and baselines).",
                          no_args_is_help=True)
 
 
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values parsed as JSON when they can be (numbers, booleans)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            fail(f"--set expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 @expert_app.command("train")
@@ -67,7 +62,7 @@ def train_cmd(
                 bar.update(task, info=f"val_loss {rec.get('val_loss', float('nan')):.3f}")
 
         result = train_expert(data, out, arch=arch, preset=preset, train_cfg=cfg,
-                              overrides=_overrides(set_), on_log=on_log)
+                              overrides=parse_overrides(set_), on_log=on_log)
     payload = {"out_dir": str(result.out_dir), "step": result.step,
                "resumed_from": result.resumed_from, "last": result.last,
                "last_eval": result.last_eval, "wall_s": result.wall_s}
