@@ -9,9 +9,11 @@ temporary directory, so nothing touches the user's cache.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY_VOCAB = 512
 TINY_SEQ_LEN = 64
@@ -66,6 +68,16 @@ def make_tiny_corpus(root: Path, n_files: int = N_FILES, seed: int = 0) -> Path:
         (root / "prose" / sub).mkdir(parents=True, exist_ok=True)
         (root / "prose" / sub / f"essay_{k:02d}.txt").write_text(_prose_file(rng, k))
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls
+    (up to 60x slower with two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

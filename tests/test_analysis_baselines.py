@@ -22,8 +22,6 @@ from cir.router.baselines import (
     routing_accuracy,
 )
 
-torch.set_num_threads(1)
-
 
 def gaussians(n: int = 80, k: int = 3, dim: int = 6, gap: float = 6.0, seed: int = 0):
     centres = np.random.default_rng(123).normal(size=(k, dim)) * gap  # same for every seed

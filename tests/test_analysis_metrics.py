@@ -20,8 +20,6 @@ from cir.router.analysis import (
 from cir.router.baselines import ood_metrics
 from cir.router.latent_index import LatentIndex
 
-torch.set_num_threads(1)
-
 
 def blobs(gap: float, n: int = 60, dim: int = 8, seed: int = 0):
     rng = np.random.default_rng(seed)

@@ -13,7 +13,6 @@ import torch
 from cir.cli.main import app
 from typer.testing import CliRunner
 
-torch.set_num_threads(1)
 runner = CliRunner()
 
 

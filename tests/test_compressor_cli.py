@@ -5,22 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
-import torch
 from cir.cli.main import app
 from cir.compressor.train import default_train_config, train_compressor
 from typer.testing import CliRunner
 
 from cir.checkpoint import load_checkpoint
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared machine run far faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_train_on_tiny_dataset(tiny_dataset, tmp_path):

@@ -17,15 +17,6 @@ from typer.testing import CliRunner
 from cir.checkpoint import save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops on a shared machine: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_analytic_flops_slopes_follow_the_paper():
     tlin, base = TLinFormerConfig.from_name("small"), TransformerConfig.from_name("small")
     const = TConstFormerConfig.from_name("small")

@@ -21,13 +21,6 @@ MODELS = [(TLinFormer, TLinFormerConfig), (TConstFormer, TConstFormerConfig),
 IDS = [m.kind for m, _ in MODELS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops on a shared machine: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(cls, cfg_cls, seed: int = 0, **overrides):

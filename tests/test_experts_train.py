@@ -16,15 +16,6 @@ from cir.checkpoint import load_checkpoint
 from cir.train import TrainConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops on a shared machine: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class PatternChunks:
     """In-memory chunks with a learnable pattern (next = current + 1) and tail padding."""
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from _reliability import ROUTE_CLI, assert_same_weights, cli_env, kill_after, run_cli, tree_hashes
 from _router_helpers import add_untrained, registry_with
 from cir.cli.main import app
@@ -29,12 +28,6 @@ STEPS_COMPRESSOR, STEPS_LM = 40, 10
 MOUNT_CFG = MountConfig(preset="debug", steps_compressor=STEPS_COMPRESSOR, steps_lm=STEPS_LM)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _mount_args(reg: Registry, name: str, source: Path) -> list[str]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-import torch
 from cir.router.continual import ContinualConfig, lm_comparison, run_continual
 from cir.router.mount import held_out
 from cir.router.registry import Registry
@@ -13,12 +11,6 @@ from cir.router.registry import Registry
 DEBUG = dict(preset="debug", max_tokens=None, steps_compressor=30, steps_lm=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _config_corpus(root):

@@ -14,23 +14,12 @@ from pathlib import Path
 
 import filelock
 import pytest
-import torch
 from cir.cli.main import app
 from cir.data import load_tokenizer
 from cir.router.mount import MountConfig, mount
 from cir.router.registry import ExpertExistsError, Registry, RegistryError
 from cir.router.score import score_path
 from typer.testing import CliRunner
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Several torch threads on a busy small machine spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 FAST = dict(preset="debug", max_tokens=None, steps_compressor=40, steps_lm=10)
 

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from cir.router.quickstart import quickstart
 
 DEBUG = dict(preset="debug", max_tokens=None, steps_compressor=20, steps_lm=5, calib_chunks=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_quickstart_builds_then_reuses(tiny_corpus, tmp_path):
