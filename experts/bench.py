@@ -271,19 +271,41 @@ def decode_bench(
     ns = sorted({_round_up(n, w_og) for n in (ns or default_ns(dev.type))})
     result = BenchResult(preset=preset, device=_device_name(dev), dtype=dtype, params={})
     result.notes.append("random weights: decode cost does not depend on training")
-    if dev.type == "cuda" and max_memory_gb is not None:
-        total = torch.cuda.get_device_properties(dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gb * 2**30 / total), dev)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", cuda_index(dev))
+    capped = dev.type == "cuda" and max_memory_gb is not None
+    if capped:
+        total = torch.cuda.get_device_properties(dev.index).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_fraction(max_memory_gb, total),
+                                                   dev.index)
         result.notes.append(f"memory budget {max_memory_gb} GiB")
+    elif max_memory_gb is not None:
+        result.notes.append("--max-memory-gb applies to CUDA only: ignored")
     budget = None if time_budget_s is None else time_budget_s / len(models)
     try:
         for name in models:
             _bench_model(result, name, preset, ns, steps, dev, DTYPES[dtype], budget, refine,
                          seed, w_og, on_point)
     finally:
-        if dev.type == "cuda" and max_memory_gb is not None:
-            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        if capped:
+            torch.cuda.set_per_process_memory_fraction(1.0, dev.index)
     return result
+
+
+def memory_fraction(max_memory_gb: float, total_bytes: int) -> float:
+    """The share of a device's ``total_bytes`` that a budget of ``max_memory_gb`` GiB is
+    (at most 1: a budget above the card means the whole card)."""
+    if not max_memory_gb > 0:
+        raise ValueError(f"memory budget must be > 0 GiB, got {max_memory_gb}")
+    return min(1.0, max_memory_gb * 2**30 / total_bytes)
+
+
+def cuda_index(dev: torch.device, current: Callable[[], int] | None = None) -> int:
+    """The device index of ``dev`` (``cuda`` alone: the current device), which
+    ``torch.cuda.set_per_process_memory_fraction`` needs."""
+    if dev.index is not None:
+        return dev.index
+    return (current or torch.cuda.current_device)()
 
 
 def _bench_model(

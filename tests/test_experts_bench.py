@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 from cir.cli.main import app
-from cir.experts.bench import analytic_flops, decode_bench, plot_decode, ratios
+from cir.experts.bench import (
+    analytic_flops,
+    cuda_index,
+    decode_bench,
+    memory_fraction,
+    plot_decode,
+    ratios,
+)
 from cir.experts.registry import build_model
 from cir.experts.tconstformer import TConstFormerConfig
 from cir.experts.tlinformer import TLinFormerConfig
@@ -132,3 +139,15 @@ def test_cli_expert_train_on_tiny_dataset(request, tmp_path):
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)
     assert payload["step"] == 6 and (out / "model.safetensors").is_file()
+
+
+def test_memory_budget_is_a_fraction_of_the_card_on_an_indexed_device():
+    card = 80 * 2**30
+    assert memory_fraction(24, card) == pytest.approx(0.3)
+    assert memory_fraction(200, card) == 1.0  # a budget above the card: the whole card
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="> 0 GiB"):
+            memory_fraction(bad, card)
+    # set_per_process_memory_fraction rejects a bare "cuda": the index is resolved first
+    assert cuda_index(torch.device("cuda:1")) == 1
+    assert cuda_index(torch.device("cuda"), current=lambda: 3) == 3
