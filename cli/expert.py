@@ -125,68 +125,106 @@ def bench_decode_cmd(
                                 "1K..32K on CPU, 1K..4M on CUDA."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     dtype: str = typer.Option("", help="float32 | bfloat16 (default: bf16 on CUDA)"),
-    steps: int = typer.Option(8, help="Cache-hit steps timed per N (median reported)."),
+    steps: int = typer.Option(8, help="Cache-hit steps timed per N and path (median)."),
     max_memory_gb: float = typer.Option(0.0, help="CUDA memory budget in GiB (0 = all)."),
-    time_budget_s: float = typer.Option(420.0, help="Wall-time budget shared by the models."),
+    time_budget_s: float = typer.Option(420.0, help="Wall-time budget shared by the models "
+                                        "(sweep and largest-N search)."),
+    cuda_graphs: bool | None = typer.Option(
+        None, "--cuda-graphs/--no-cuda-graphs",
+        help="Time the static-shape hit step in a CUDA graph (default: on for CUDA; on CPU "
+             "--cuda-graphs runs that step uncaptured)."),
+    max_n_search: bool | None = typer.Option(
+        None, "--max-n-search/--no-max-n-search",
+        help="Search the largest N before out-of-memory (default: on for CUDA)."),
     out: Path = typer.Option(None, "--out", help="Folder for bench.json and bench.png."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Per-token decode latency (cache hit / miss), cache memory and max N, random weights.
+    """Per-token decode latency (cache hit / miss), bandwidth bound, cache memory and the
+    largest N before out-of-memory, random weights.
 
     Example: route-cli bench decode --preset small --n 1024 --n 4096 --n 32768
     """
-    from cir.experts.bench import decode_bench, plot_decode, ratios
+    from cir.experts.bench import decode_bench, plot_decode
 
     from cir.paths import cir_home
 
     names = [m.strip() for m in models.split(",") if m.strip()]
+    out = out or cir_home() / "bench" / f"decode-{preset}-{device}"
+    out.mkdir(parents=True, exist_ok=True)
     with progress(disable=as_json) as bar:
         task = bar.add_task("decode bench", total=None, info="")
 
         def on_point(p) -> None:
             bar.update(task, advance=1, info=f"{p.model} N={p.n}")
 
+        def on_model(partial) -> None:  # keep what is done if a later model is cut short
+            _write_bench_json(partial, out / "bench.json", done=False)
+
         result = decode_bench(preset, names, n or None, device, dtype or None, steps,
-                              max_memory_gb or None, time_budget_s or None, on_point=on_point)
-    out = out or cir_home() / "bench" / f"decode-{preset}-{device}"
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {**result.to_dict(), "ratios": ratios(result)}
-    (out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
+                              max_memory_gb or None, time_budget_s or None,
+                              cuda_graphs=cuda_graphs, max_n_search=max_n_search,
+                              on_point=on_point, on_model=on_model)
+    payload = _write_bench_json(result, out / "bench.json", done=True)
     png = plot_decode(result, out / "bench.png")
     if as_json:
         print_json({**payload, "json": str(out / "bench.json"), "png": str(png)})
         return
-    _render_bench(result, payload["ratios"])
+    _render_bench(result, payload)
     console.print(f"wrote {out / 'bench.json'} and {png}")
+
+
+def _write_bench_json(result, path: Path, done: bool) -> dict[str, Any]:
+    from cir.experts.bench import headline_ratios, ratios
+
+    payload = {**result.to_dict(), "ratios": ratios(result),
+               "headline": headline_ratios(result), "complete": done}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
 
 
 def _fmt(value: float | None, scale: float = 1.0, spec: str = ".3g") -> str:
     return "-" if value is None else format(value / scale, spec)
 
 
-def _render_bench(result, rows: list[dict[str, Any]]) -> None:
+def _render_bench(result, payload: dict[str, Any]) -> None:
     table = Table(title=f"decode: {result.preset} on {result.device} ({result.dtype})")
-    for col in ("model", "N", "hit ms", "miss ms", "cache MiB", "peak MiB", "GFLOP hit",
-                "GFLOP miss"):
+    for col in ("model", "N", "hit ms", "path", "eager hit ms", "miss ms", "ideal hit ms",
+                "BW eff", "cache MiB", "peak MiB", "GFLOP hit", "GFLOP miss"):
         table.add_column(col, justify="right")
     for p in result.points:
-        table.add_row(p.model, str(p.n), _fmt(p.hit_ms), _fmt(p.miss_ms),
+        path = {"cuda-graph": "graph", "static-step": "static"}.get(p.hit_path or "", "eager")
+        table.add_row(p.model, str(p.n), _fmt(p.hit_ms), path if not p.error else "-",
+                      _fmt(p.hit_eager_ms), _fmt(p.miss_ms), _fmt(p.ideal_hit_ms, 1, ".2g"),
+                      _fmt(p.efficiency, 0.01, ".2g") + ("%" if p.efficiency else ""),
                       _fmt(p.cache_bytes, 2**20), _fmt(p.peak_bytes, 2**20),
                       _fmt(p.flops_hit, 1e9), _fmt(p.flops_miss, 1e9) if not p.error
                       else p.error)
     console.print(table)
-    if rows:
-        top = max(r["n"] for r in rows)
-        ratio = Table(title=f"baseline / tlinformer at N={top}")
-        for col in ("baseline", "hit", "miss", "cache bytes"):
+    head = payload.get("headline")
+    if head:
+        ratio = Table(title=f"baseline / tlinformer at N={head['n']}",
+                      caption=f"N: the largest that tlinformer and {' and '.join(head['compared'])}"
+                              " all measured; max N: tlinformer / baseline")
+        for col in ("baseline", "hit", "hit eager", "miss", "cache bytes", "max N"):
             ratio.add_column(col, justify="right")
-        for r in rows:
-            if r["n"] == top:
-                ratio.add_row(r["baseline"], f"{r['hit']:.2f}x", f"{r['miss']:.2f}x",
-                              _fmt(r["cache"], 1, ".2f") + "x")
+        for r in head["rows"]:
+            ratio.add_row(r["baseline"], f"{r['hit']:.2f}x", _fmt(r["hit_eager"], 1, ".2f")
+                          + "x", f"{r['miss']:.2f}x", _fmt(r["cache"], 1, ".2f") + "x",
+                          _fmt(r["max_n"], 1, ".2f") + "x")
         console.print(ratio)
+    if result.bandwidth_bytes_per_s:
+        console.print(f"copy bandwidth {result.bandwidth_bytes_per_s / 1e9:.0f} GB/s (read + "
+                      "write): ideal hit ms = bytes read per token / bandwidth")
+    budget = (f"{result.memory_budget_bytes / 2**30:.1f} GiB budget"
+              if result.memory_budget_bytes else "whole device")
     for name, m in result.max_n.items():
-        console.print(f"{name}: largest N run {m['fits']}, OOM at {m['oom_at'] or '-'}")
+        peak = m.get("peak_bytes_at_fits")
+        extra = (f", {len(m['probes'])} probes" if "probes" in m else "") + (
+            f", peak {peak / 2**30:.1f} GiB" if peak else "")
+        console.print(f"{name}: largest N {m['fits']}, OOM at {m['oom_at'] or '-'} "
+                      f"({budget}{extra})")
+    for name, how in result.cuda_graphs.items():
+        console.print(f"{name}: hit path {how}")
     for note in result.notes:
         console.print(f"note: {note}")
 
