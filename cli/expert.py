@@ -203,7 +203,7 @@ def _render_bench(result, payload: dict[str, Any]) -> None:
     head = payload.get("headline")
     if head:
         ratio = Table(title=f"baseline / tlinformer at N={head['n']}",
-                      caption=f"N: the largest that tlinformer and {' and '.join(head['compared'])}"
+                      caption=f"N: the largest that tlinformer, {', '.join(head['compared'])}"
                               " all measured; max N: tlinformer / baseline")
         for col in ("baseline", "hit", "hit eager", "miss", "cache bytes", "max N"):
             ratio.add_column(col, justify="right")

@@ -876,10 +876,11 @@ def plot_decode(result: BenchResult, path: str | Path) -> Path:
         color = MODEL_COLORS.get(name)
         pts = [p for p in result.points if p.model == name and p.error is None]
         ns = [p.n for p in pts]
-        path_name = pts[-1].hit_path if pts else "eager"
+        graphed = [p for p in pts if p.hit_path not in (None, "eager")]
+        path_name = graphed[-1].hit_path if graphed else "eager"
         ax[0, 0].plot(ns, [p.hit_ms for p in pts], "o-", color=color,
                       label=f"{name} ({path_name})")
-        if any(p.hit_path != "eager" for p in pts):
+        if graphed:
             ax[0, 0].plot(ns, [p.hit_eager_ms for p in pts], "x--", color=color, alpha=0.6,
                           label=f"{name} (eager)")
         ideal = [(p.n, p.ideal_hit_ms) for p in pts if p.ideal_hit_ms]
@@ -895,19 +896,21 @@ def plot_decode(result: BenchResult, path: str | Path) -> Path:
         eff = [(p.n, p.efficiency) for p in pts if p.efficiency]
         if eff:
             ax[1, 0].plot(*zip(*eff, strict=True), "o-", color=color, label=name)
-        eff_eager = [(p.n, p.efficiency_eager) for p in pts
-                     if p.efficiency_eager and p.hit_path != "eager"]
+        eff_eager = [(p.n, p.efficiency_eager) for p in graphed if p.efficiency_eager]
         if eff_eager:
             ax[1, 0].plot(*zip(*eff_eager, strict=True), "x--", color=color, alpha=0.6)
     rows = ratios(result)
     for base in [n for n in names if n != "tlinformer"]:
         mine = [r for r in rows if r["baseline"] == base]
+        if not mine:
+            continue
         color = MODEL_COLORS.get(base)
         ax[1, 1].plot([r["n"] for r in mine], [r["hit"] for r in mine], "o-", color=color,
                       label=f"{base} / tlin, hit")
         ax[1, 1].plot([r["n"] for r in mine], [r["miss"] for r in mine], "x--", color=color,
                       label=f"{base} / tlin, miss")
-    ax[1, 1].axhline(1.0, color="gray", lw=0.8)
+    if ax[1, 1].has_data():
+        ax[1, 1].axhline(1.0, color="gray", lw=0.8)
     if result.memory_budget_bytes:
         ax[0, 2].axhline(result.memory_budget_bytes / 2**30, color="gray", ls="-.", lw=0.8,
                          label="memory budget")
@@ -931,13 +934,15 @@ def plot_decode(result: BenchResult, path: str | Path) -> Path:
     for i, (a, (title, unit)) in enumerate(zip(ax.flat, titles, strict=True)):
         a.set_title(title, fontsize=10)
         a.set_ylabel(unit)
-        a.set_yscale("log")
         a.grid(alpha=0.3)
+        if not a.has_data():  # e.g. no TLinFormer points to divide by
+            a.text(0.5, 0.5, "no data", ha="center", va="center", transform=a.transAxes)
+            continue
+        a.set_yscale("log")
         if i < 5:
             a.set_xlabel("context N (tokens)")
             a.set_xscale("log", base=2)
-            if a.has_data():
-                a.legend(fontsize=7)
+            a.legend(fontsize=7)
     fig.suptitle(f"Decode benchmark: preset {result.preset}, {result.device}, {result.dtype}, "
                  "random weights")
     fig.tight_layout()

@@ -97,6 +97,12 @@ def test_decode_bench_on_cpu(tmp_path):
     assert again == result
     png = plot_decode(result, tmp_path / "bench.png")
     assert png.stat().st_size > 10_000
+    # a run without TLinFormer (nothing to divide by) or cut short still draws
+    without = BenchResult.from_dict(result.to_dict())
+    without.points = [p for p in without.points if p.model != "tlinformer"]
+    assert plot_decode(without, tmp_path / "no-tlin.png").stat().st_size > 10_000
+    empty = BenchResult(preset="debug", device="cpu", dtype="float32", params={})
+    assert plot_decode(empty, tmp_path / "empty.png").is_file()
 
 
 def test_decode_bench_cpu_defaults_and_step_limits():
