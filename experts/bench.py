@@ -915,11 +915,13 @@ def plot_decode(result: BenchResult, path: str | Path) -> Path:
         ax[0, 2].axhline(result.memory_budget_bytes / 2**30, color="gray", ls="-.", lw=0.8,
                          label="memory budget")
     fits = {m: v.get("fits") for m, v in result.max_n.items() if v.get("fits")}
-    bars = ax[1, 2].bar(range(len(fits)), list(fits.values()),
+    # linear from 0, in units of 2^20 tokens (the labels' M): the limits are often within
+    # a few percent of each other, which a log axis cut at the smallest bar blows up
+    bars = ax[1, 2].bar(range(len(fits)), [v / 2**20 for v in fits.values()],
                         color=[MODEL_COLORS.get(m, "C7") for m in fits])
     ax[1, 2].set_xticks(range(len(fits)), [m.replace("-", "-\n") for m in fits], fontsize=8)
     for bar, value in zip(bars, fits.values(), strict=True):
-        ax[1, 2].annotate(_tokens(value), (bar.get_x() + bar.get_width() / 2, value),
+        ax[1, 2].annotate(_tokens(value), (bar.get_x() + bar.get_width() / 2, value / 2**20),
                           ha="center", va="bottom", fontsize=8)
     budget = (f"{result.memory_budget_bytes / 2**30:.0f} GiB budget"
               if result.memory_budget_bytes else "whole device")
@@ -929,7 +931,7 @@ def plot_decode(result: BenchResult, path: str | Path) -> Path:
         ("(c) memory: cache held (o) and peak (x)", "GiB"),
         ("(d) bandwidth efficiency, ideal / measured hit", "fraction"),
         ("(e) baseline time / TLinFormer time", "x"),
-        (f"(f) largest N before out-of-memory ({budget})", "tokens"),
+        (f"(f) largest N before out-of-memory ({budget})", "tokens (M = 2^20)"),
     ]
     for i, (a, (title, unit)) in enumerate(zip(ax.flat, titles, strict=True)):
         a.set_title(title, fontsize=10)
@@ -938,11 +940,13 @@ def plot_decode(result: BenchResult, path: str | Path) -> Path:
         if not a.has_data():  # e.g. no TLinFormer points to divide by
             a.text(0.5, 0.5, "no data", ha="center", va="center", transform=a.transAxes)
             continue
+        if i == 5:  # bars: a linear axis from 0
+            a.set_ylim(bottom=0)
+            continue
         a.set_yscale("log")
-        if i < 5:
-            a.set_xlabel("context N (tokens)")
-            a.set_xscale("log", base=2)
-            a.legend(fontsize=7)
+        a.set_xlabel("context N (tokens)")
+        a.set_xscale("log", base=2)
+        a.legend(fontsize=7)
     fig.suptitle(f"Decode benchmark: preset {result.preset}, {result.device}, {result.dtype}, "
                  "random weights")
     fig.tight_layout()

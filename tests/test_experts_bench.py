@@ -396,3 +396,24 @@ def test_probe_context_builds_n_tokens_and_reports_oom(name, monkeypatch):
     monkeypatch.setattr(model, "step", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         probe_context(model, kind, 64, torch.device("cpu"))
+
+
+def test_plot_decode_draws_the_largest_n_as_bars_on_a_linear_axis_from_zero(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    # the largest-N limits of run 2 on the whole card: within 8% of each other, which a log
+    # axis cut at the smallest bar drew as a several-fold gap
+    fits = {"tlinformer": 5_046_272, "tconstformer": 5_046_272,
+            "transformer-static": 5_177_344, "transformer-concat": 4_784_128}
+    result = BenchResult(preset="paper-41m", device="cpu", dtype="bfloat16", params={},
+                         max_n={m: {"fits": n, "oom_at": n + 65_536} for m, n in fits.items()})
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    plot_decode(result, tmp_path / "bench.png")
+    bars = figures[0].axes[5]
+    assert bars.get_yscale() == "linear" and bars.get_ylim()[0] == 0
+    assert [p.get_height() for p in bars.patches] == [n / 2**20 for n in fits.values()]
+    labels = [t.get_text() for t in bars.texts]
+    assert labels == ["4.81M", "4.81M", "4.94M", "4.56M"]  # M = 2^20, as the axis
+    assert "2^20" in bars.get_ylabel()
