@@ -23,7 +23,6 @@ d_model 512 and 11 + 11 layers that gives 86.5M parameters, inside the paper's 8
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -186,14 +185,23 @@ class Compressor(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, 0.02), residual output projections scaled by depth."""
-        n_layers = self.config.n_enc_layers + self.config.n_dec_layers
+        """Fan-in scaled: every linear weight N(0, 1/fan_in), the token embedding (also
+        the LM head) N(0, 1/d_model), position and latent queries N(0, 0.02).
+
+        Not GPT-2's N(0, 0.02): information reaches a reconstruction only through two
+        attention hops (tokens -> latents -> positions), each a product of small matrices
+        under that init, and the model sits for thousands of steps on the position-wise
+        unigram plateau with latents it ignores (see docs/architecture.md)."""
+        d = self.config.d_model
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue  # LayerNorm weights/biases keep their defaults
-            std = 0.02
-            if name.endswith(("proj.weight", "fc2.weight")):
-                std = 0.02 / math.sqrt(2 * n_layers)
+            if name == "tok_emb.weight":
+                std = d**-0.5
+            elif name in ("enc_pos", "latent_queries", "pos_queries"):
+                std = 0.02
+            else:
+                std = p.shape[1] ** -0.5
             nn.init.normal_(p, mean=0.0, std=std)
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,13 @@
 #     random tokens (full-OOD); latent UMAP / t-SNE plots.
 #
 # Usage: bash scripts/gpu_reproduce_tra.sh train|eval|all
-#   env: TOKENIZER (tokenizer.json, vocab 32768), STEPS, WALL_S, BATCH, MAX_TOKENS
+#   env: TOKENIZER (tokenizer.json, vocab 32768), STEPS, BATCH, LR, MAX_TOKENS, and the
+#   training time: WALL_S seconds of training, or DEADLINE_S (seconds from the start of
+#   the script, corpus building included) minus EVAL_RESERVE_S for the quick TRA table at
+#   the end. Re-running `train` resumes the same schedule from the last checkpoint (the
+#   GPU machine keeps /tmp between back-to-back calls), so a long run can span calls.
 set -euo pipefail
+SECONDS=0
 stage=${1:-all}
 source scripts/gpu_setup.sh
 TOKENIZER=${TOKENIZER:-.gpu/tokenizer-32k.json}
@@ -17,23 +22,27 @@ CK=$CIR_HOME/runs/paper-compressor
 STEPS=${STEPS:-5000}
 WALL_S=${WALL_S:-390}
 BATCH=${BATCH:-64}
+LR=${LR:-5e-4}
+EVAL_RESERVE_S=${EVAL_RESERVE_S:-40}
 MAX_TOKENS=${MAX_TOKENS:-80000000}
 export COLUMNS=140
 
 if [[ $stage == train || $stage == all ]]; then
-  SECONDS=0
+  t_data=$SECONDS
   [[ -d $CIR_HOME/datasets/gpu-code ]] || route-cli data build gpu-code --source python-code \
     --tokenizer "$TOKENIZER" --max-tokens "$MAX_TOKENS"
   [[ -d $CIR_HOME/datasets/gpu-docs ]] || route-cli data build gpu-docs --source python-docs \
     --tokenizer "$TOKENIZER" --max-tokens 5000000
-  echo "data built in ${SECONDS}s"
+  echo "data built in $((SECONDS - t_data))s"
+  if [[ -n ${DEADLINE_S:-} ]]; then WALL_S=$((DEADLINE_S - SECONDS - EVAL_RESERVE_S)); fi
+  echo "training for at most ${WALL_S}s"
   route-cli data info gpu-code --json > "$OUT/data_code.json"
   route-cli data info gpu-docs --json > "$OUT/data_docs.json"
-  STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH CK=$CK python3 -P - <<'PY'
+  STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK python3 -P - <<'PY'
 import json, os, time
 from cir.compressor.train import default_train_config, train_compressor
 cfg = default_train_config(
-    "paper", steps=int(os.environ["STEPS"]), batch_size=int(os.environ["BATCH"]), lr=5e-4,
+    "paper", steps=int(os.environ["STEPS"]), batch_size=int(os.environ["BATCH"]), lr=float(os.environ["LR"]),
     warmup_steps=300, log_every=50, eval_every=1000, eval_batches=8, ckpt_every=1000,
     compile=True, device="cuda", max_wall_s=float(os.environ["WALL_S"]),
 )
@@ -46,6 +55,10 @@ print(json.dumps({"steps": res.step, "stopped_early": res.stopped_early, "wall_s
                   "last": res.last, "last_eval": res.last_eval}))
 PY
   cp "$CK/metrics.jsonl" "$OUT/metrics.jsonl"
+  if [[ $stage == train ]]; then  # the table now, in case the machine is gone before `eval`
+    route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data random --split test \
+      --device cuda --batch-size 128 --max-chunks 2000 --json > "$OUT/tra_quick.json" || true
+  fi
 fi
 
 if [[ $stage == eval || $stage == all ]]; then

@@ -87,7 +87,8 @@ def test_eval_in_domain_vs_random(trained):
     rows = evaluate(out, sets, batch_size=16, max_chunks=48)
     id_row, rnd = rows
     assert [r.name for r in rows] == ["id", "random"] and id_row.chunks == 48
-    assert rnd.tra < 0.02 < 0.5 < id_row.tra
+    # random ids hit the 19-token motif vocabulary 3.7% of the time: at most that much
+    assert rnd.tra < 0.04 < 0.5 < id_row.tra and rnd.loss > id_row.loss + 5
     assert id_row.tokens == int(sum(Chunks(64, seed=9).lengths[np.unique(
         np.linspace(0, 63, 48).round().astype(int))]))
     assert len(id_row.chunk_tra) == len(id_row.chunk_loss) == 48
