@@ -19,8 +19,8 @@ from cir.train import TrainConfig, TrainResult, train
 _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "debug": dict(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=20,
                   ckpt_every=20, log_every=5),
-    # about 12 minutes on one busy CPU core (loss on a quarter of the positions)
-    "small": dict(steps=1000, batch_size=8, lr=3e-3, warmup_steps=30, eval_every=250,
+    # at most 15 minutes on 2 CPU cores (loss on a quarter of the positions)
+    "small": dict(steps=2000, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=500,
                   ckpt_every=100, log_every=10, weight_decay=0.0),
     "base": dict(steps=20_000, batch_size=64, lr=6e-4, warmup_steps=500),
     "paper": dict(steps=50_000, batch_size=64, lr=3e-4, warmup_steps=1000, eval_every=1000,
