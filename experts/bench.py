@@ -543,6 +543,16 @@ def search_max_n(
         return clock() + need <= deadline
 
     lo, hi, stopped = known_ok, None, None
+
+    def settle(n: int) -> None:  # one probe at n moves a bound, or the budget ends the search
+        nonlocal lo, hi, stopped
+        if not affordable(n):
+            stopped = "time budget"
+        elif run(n):
+            lo = n
+        else:
+            hi = n
+
     n = _round_up(start, step) if lo is None else _round_up(2 * lo, step)
     while hi is None:  # bracket the limit
         if n > limit:
@@ -559,24 +569,14 @@ def search_max_n(
         n = (hi // 2) // step * step
         if n < step:
             break
-        if not affordable(n):
-            stopped = "time budget"
-        elif run(n):
-            lo = n
-        else:
-            hi = n
+        settle(n)
     while lo is not None and hi is not None and stopped is None:  # bisect
         if hi - lo <= step or hi <= lo * (1 + rel_tol):
             break
         mid = (lo + hi) // 2 // step * step
         if mid <= lo:
             break
-        if not affordable(mid):
-            stopped = "time budget"
-        elif run(mid):
-            lo = mid
-        else:
-            hi = mid
+        settle(mid)
     return {"fits": lo, "oom_at": hi, "probes": probes, "stopped": stopped}
 
 
