@@ -22,8 +22,6 @@ compressor_app = typer.Typer(
 )
 
 
-
-
 def _train_info(rec: dict[str, Any]) -> str:
     return (f"loss {rec['loss']:.3f}  TRA {100 * rec.get('tra', 0.0):.1f}%  "
             f"{rec.get('tokens_per_s', 0.0):,.0f} tok/s")

@@ -21,8 +21,6 @@ expert_app = typer.Typer(help="Expert language models (TLinFormer and baselines)
                          no_args_is_help=True)
 
 
-
-
 @expert_app.command("train")
 @handle_errors
 def train_cmd(

@@ -42,8 +42,6 @@ class Chunks:
         return ids, mask
 
 
-
-
 def _cfg(**kw):
     return default_train_config("debug", **{"steps": 40, "device": "cpu", **kw})
 

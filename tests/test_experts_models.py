@@ -21,8 +21,6 @@ MODELS = [(TLinFormer, TLinFormerConfig), (TConstFormer, TConstFormerConfig),
 IDS = [m.kind for m, _ in MODELS]
 
 
-
-
 def _model(cls, cfg_cls, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     return cls(cfg_cls.from_name("debug", **overrides)).double().eval()

@@ -28,8 +28,6 @@ STEPS_COMPRESSOR, STEPS_LM = 40, 10
 MOUNT_CFG = MountConfig(preset="debug", steps_compressor=STEPS_COMPRESSOR, steps_lm=STEPS_LM)
 
 
-
-
 def _mount_args(reg: Registry, name: str, source: Path) -> list[str]:
     return ["mount", name, "--source", str(source), "--preset", "debug", "--registry",
             str(reg.root), "--steps-compressor", str(STEPS_COMPRESSOR), "--steps-lm",

@@ -11,8 +11,6 @@ from cir.router.registry import Registry
 DEBUG = dict(preset="debug", max_tokens=None, steps_compressor=30, steps_lm=8)
 
 
-
-
 def _config_corpus(root):
     root.mkdir(parents=True)
     rng = random.Random(1)

@@ -8,8 +8,6 @@ from cir.router.quickstart import quickstart
 DEBUG = dict(preset="debug", max_tokens=None, steps_compressor=20, steps_lm=5, calib_chunks=16)
 
 
-
-
 def test_quickstart_builds_then_reuses(tiny_corpus, tmp_path):
     domains = {"code": str(tiny_corpus / "code"), "prose": str(tiny_corpus / "prose")}
     reg = tmp_path / "registry"
