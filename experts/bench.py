@@ -466,6 +466,26 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _run_guarded(fn: Callable[[], Any], device: torch.device) -> tuple[bool, Any, int | None]:
+    """Run ``fn`` with the device's peak-memory counter reset: ``(ok, its result, peak
+    bytes)`` (peak None off CUDA). An out-of-memory is ``ok=False`` with the memory freed;
+    any other error is re-raised."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    ok, out = True, None
+    try:
+        out = fn()
+    except Exception as exc:  # noqa: BLE001 - an OOM is a result, anything else is re-raised
+        if not _is_oom(exc):
+            raise
+        ok = False
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if not ok:  # outside the handler: the failed frames' tensors are released by now
+        _free(device)
+    return ok, out, peak
+
+
 def _point(
     name: str, model: nn.Module, kind: str | None, arch: str, n: int, steps: int,
     device: torch.device, graphs: str, bandwidth: float | None,
@@ -477,17 +497,9 @@ def _point(
     weight = model.emb.weight
     point.hit_bytes = hit_bytes(model.config, arch, n, weight.element_size(),
                                 sum(p.numel() for p in model.parameters()))
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        m = _measure(model, kind, n, steps, device, graphs)
-    except Exception as exc:  # noqa: BLE001 - an OOM is a result, anything else is re-raised
-        if not _is_oom(exc):
-            raise
+    ok, m, peak = _run_guarded(partial(_measure, model, kind, n, steps, device, graphs), device)
+    if not ok:
         point.error = "oom"
-    if point.error:  # outside the handler: the failed frames' tensors are released by now
-        _free(device)
         return point
     point.miss_ms, point.hit_eager_ms = m["miss_ms"], m["hit_eager_ms"]
     point.hit_ms = m.get("hit_static_ms", m["hit_eager_ms"])
@@ -496,8 +508,7 @@ def _point(
     point.graph_argmax_agree = m.get("graph_argmax_agree")
     point.graph_error = m.get("graph_error")
     point.cache_bytes, point.token_bytes = m["nbytes"]["kv"], m["nbytes"]["tokens"]
-    if device.type == "cuda":
-        point.peak_bytes = torch.cuda.max_memory_allocated(device)
+    point.peak_bytes = peak
     if bandwidth:
         point.ideal_hit_ms = point.hit_bytes / bandwidth * 1e3
         point.efficiency = point.ideal_hit_ms / point.hit_ms
@@ -610,17 +621,7 @@ def probe_context(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    ok = True
-    try:
-        build_and_step()
-    except Exception as exc:  # noqa: BLE001 - an OOM is the answer, anything else re-raised
-        if not _is_oom(exc):
-            raise
-        ok = False
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    ok, _, peak = _run_guarded(build_and_step, device)
     _free(device)
     return ok, {"peak_bytes": peak}
 
