@@ -47,9 +47,11 @@ from cir.checkpoint import (
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
-# Fields that may change between a run and its resumption without changing the result.
+# Fields that may change when a run is resumed: bookkeeping, and where the schedule ends
+# (`steps`, `decay_frac`; a wsd run lengthened in its constant phase equals a longer run).
 _RESUMABLE_CHANGES = {
     "steps",
+    "decay_frac",
     "eval_every",
     "eval_batches",
     "ckpt_every",
@@ -75,6 +77,11 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
+    # cosine: warmup, cosine decay over the rest. wsd: warmup, constant, then a linear
+    # decay over the last `decay_frac` of the steps (the constant phase does not depend on
+    # `steps`, so a run can be lengthened while it is still there).
+    schedule: str = "cosine"
+    decay_frac: float = 0.2
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -102,6 +109,8 @@ class TrainConfig:
                 "log_every, eval_every and ckpt_every must be > 0",
             ),
             (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
+            (self.schedule in ("cosine", "wsd"), "schedule must be cosine or wsd"),
+            (0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -123,12 +132,19 @@ class TrainResult:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    """Linear warmup to ``lr``, then down to ``lr * min_lr_ratio`` at ``steps``: a cosine
+    over all remaining steps (``cosine``), or constant and then linear over the last
+    ``decay_frac`` of the steps (``wsd``, warmup-stable-decay)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, cfg.steps - round(cfg.decay_frac * cfg.steps))
+        span = max(1, cfg.steps - decay_start)
+        progress = min(1.0, max(0, step - decay_start) / span)
+        return cfg.lr - (cfg.lr - floor) * progress
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -248,7 +264,9 @@ def _check_resumable(
             f"{out_dir} holds a run with a different model config; use another --out or delete it"
         )
     now = cfg.to_dict()
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved_cfg.get(k) != now[k])
+    # a setting added after the run was saved counts as its default
+    saved = {**TrainConfig().to_dict(), **saved_cfg}
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         raise CheckpointError(
             f"{out_dir} holds a run with different training settings ({', '.join(changed)}); "
@@ -345,8 +363,14 @@ def train(
         net = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    def forward(ids: torch.Tensor, mask: torch.Tensor):
+        return loss_fn(net, ids, mask)
+
     if cfg.compile:
-        net = torch.compile(net)
+        if ddp.world > 1:
+            net = torch.compile(net)  # DDP's bucketed all-reduce wants the module compiled
+        else:  # the loss too: its float logits and softmax fuse with the LM head
+            forward = torch.compile(forward)
     log = _Logger(out_dir / METRICS_FILE, ddp, on_log, cfg, model, device)
     result = TrainResult(out_dir=out_dir, step=start, resumed_from=start)
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
@@ -359,7 +383,7 @@ def train(
         idx = idx[ddp.rank * per_rank : (ddp.rank + 1) * per_rank]
         ids, mask = (t.to(device, non_blocking=True) for t in train_data.get_batch(idx))
         with _autocast(device, cfg.precision):
-            loss, metrics = loss_fn(net, ids, mask)
+            loss, metrics = forward(ids, mask)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()

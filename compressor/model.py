@@ -316,7 +316,7 @@ def _reconstruction_loss(
     target = ids.masked_fill(~mask, -100)  # [B, T]
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
     with torch.no_grad():
-        tra = (logits.argmax(-1) == ids)[mask].float().mean()
+        tra = ((logits.argmax(-1) == ids) & mask).sum() / mask.sum()  # no dynamic shapes
     return loss, {"tra": tra}
 
 

@@ -8,11 +8,15 @@
 #     random tokens (full-OOD); latent UMAP / t-SNE plots.
 #
 # Usage: bash scripts/gpu_reproduce_tra.sh train|eval|all
-#   env: TOKENIZER (tokenizer.json, vocab 32768), STEPS, BATCH, LR, MAX_TOKENS, and the
+#   env: TOKENIZER (tokenizer.json, vocab 32768), STEPS, BATCH, LR, MAX_TOKENS,
+#   SCHEDULE (wsd: warmup, constant lr, linear decay at the end; or cosine), and the
 #   training time: WALL_S seconds of training, or DEADLINE_S (seconds from the start of
-#   the script, corpus building included) minus EVAL_RESERVE_S for the quick TRA table at
-#   the end. Re-running `train` resumes the same schedule from the last checkpoint (the
-#   GPU machine keeps /tmp between back-to-back calls), so a long run can span calls.
+#   the script, corpus building included) minus EVAL_RESERVE_S (the quick TRA table after
+#   `train`, or the whole `eval` stage after `all`). Re-running `train` resumes from the
+#   last checkpoint (the GPU machine keeps /tmp between back-to-back calls), so a long run
+#   can span calls. With SCHEDULE=wsd the constant phase does not depend on STEPS: run
+#   with a large STEPS, then finish with DECAY_STEPS=n (the run ends n steps after the
+#   step it resumes from, decaying linearly over those n steps).
 set -euo pipefail
 SECONDS=0
 stage=${1:-all}
@@ -23,6 +27,8 @@ STEPS=${STEPS:-5000}
 WALL_S=${WALL_S:-390}
 BATCH=${BATCH:-64}
 LR=${LR:-5e-4}
+SCHEDULE=${SCHEDULE:-wsd}
+DECAY_STEPS=${DECAY_STEPS:-0}
 EVAL_RESERVE_S=${EVAL_RESERVE_S:-40}
 MAX_TOKENS=${MAX_TOKENS:-80000000}
 export COLUMNS=140
@@ -38,11 +44,20 @@ if [[ $stage == train || $stage == all ]]; then
   echo "training for at most ${WALL_S}s"
   route-cli data info gpu-code --json > "$OUT/data_code.json"
   route-cli data info gpu-docs --json > "$OUT/data_docs.json"
-  STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK python3 -P - <<'PY'
+  STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK SCHEDULE=$SCHEDULE DECAY_STEPS=$DECAY_STEPS \
+    python3 -P - <<'PY'
 import json, os, time
+from pathlib import Path
+import torch
 from cir.compressor.train import default_train_config, train_compressor
+steps, decay_frac, decay = int(os.environ["STEPS"]), 0.2, int(os.environ["DECAY_STEPS"])
+state = Path(os.environ["CK"]) / "train_state.pt"
+if decay > 0:  # finish a wsd run: decay over the next `decay` steps from where it stands
+    at = torch.load(state, weights_only=True)["step"] if state.is_file() else 0
+    steps, decay_frac = at + decay, decay / (at + decay)
 cfg = default_train_config(
-    "paper", steps=int(os.environ["STEPS"]), batch_size=int(os.environ["BATCH"]), lr=float(os.environ["LR"]),
+    "paper", steps=steps, batch_size=int(os.environ["BATCH"]), lr=float(os.environ["LR"]),
+    schedule=os.environ["SCHEDULE"], decay_frac=decay_frac,
     warmup_steps=300, log_every=50, eval_every=1000, eval_batches=8, ckpt_every=1000,
     compile=True, device="cuda", max_wall_s=float(os.environ["WALL_S"]),
 )
@@ -62,12 +77,13 @@ PY
 fi
 
 if [[ $stage == eval || $stage == all ]]; then
+  t_eval=$SECONDS
   route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data random --split test \
     --device cuda --batch-size 128 --json > "$OUT/tra.json"
-  route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data random --split test \
-    --device cuda --batch-size 128 --markdown
+  echo "TRA table in $((SECONDS - t_eval))s"
   route-cli analyze plot --compressor "$CK" --data gpu-code --data gpu-docs --data random \
-    --method umap --method tsne --method pca --max-chunks 400 --out /tmp/plots --json > "$OUT/latents.json"
+    --method pca --method umap --method tsne --max-chunks 400 --out /tmp/plots --json > "$OUT/latents.json"
   ls /tmp/plots
   cp /tmp/plots/*umap*.png /tmp/plots/*tsne*.png "$OUT/" 2>/dev/null || true
+  echo "eval stage in $((SECONDS - t_eval))s"
 fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,57 @@ def test_lr_schedule_is_warmup_then_cosine():
     assert lr_at(55, cfg) == pytest.approx(0.55)  # half way down the cosine
     assert lr_at(100, cfg) == pytest.approx(0.1)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_wsd_schedule_is_warmup_constant_then_linear_decay():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd",
+                      decay_frac=0.2)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert [lr_at(s, cfg) for s in (9, 50, 80)] == pytest.approx([1.0, 1.0, 1.0])
+    assert lr_at(90, cfg) == pytest.approx(0.55)  # half way down the linear decay
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    longer = TrainConfig(**{**cfg.to_dict(), "steps": 300})
+    assert all(lr_at(s, cfg) == lr_at(s, longer) for s in range(80))  # extendable
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="step")
+
+
+def test_wsd_run_lengthened_in_its_constant_phase_equals_a_longer_run(tmp_path):
+    wsd = dict(schedule="wsd", decay_frac=0.25)
+    torch.manual_seed(0)
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "a", _cfg(**wsd), stop_at=6)
+    resumed = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "a",
+                    _cfg(**wsd, steps=16))
+    torch.manual_seed(0)
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "b", _cfg(**wsd, steps=16))
+    assert resumed.resumed_from == 6 and resumed.step == 16
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_a_run_saved_before_a_setting_existed(tmp_path):
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(), stop_at=4)
+    state = torch.load(tmp_path / STATE_FILE, weights_only=False)
+    old = json.loads(state["train_config"])
+    del old["schedule"], old["decay_frac"]  # as written before the schedule choice
+    state["train_config"] = json.dumps(old)
+    torch.save(state, tmp_path / STATE_FILE)
+    with pytest.raises(checkpoint.CheckpointError, match="schedule"):
+        train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(schedule="wsd"))
+    res = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg())  # the default
+    assert res.resumed_from == 4 and res.step == 12
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    torch.manual_seed(0)
+    eager = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "e", _cfg(steps=6))
+    torch.manual_seed(0)
+    comp = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "c",
+                 _cfg(steps=6, compile=True))
+    assert comp.last["loss"] == pytest.approx(eager.last["loss"], rel=1e-4)
+    a, b = _weights(tmp_path / "e"), _weights(tmp_path / "c")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_batches_are_a_pure_function_of_step():
