@@ -100,15 +100,25 @@ def eval_cmd(
     max_chunks: int | None = typer.Option(None, help="Chunks per dataset (evenly spread)."),
     batch_size: int | None = typer.Option(None, help="Chunks per scoring pass."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
+    baseline: bool = typer.Option(True, help="Also the AUROC of a unigram model of the "
+                                  "first dataset's train split (a bag-of-tokens baseline)."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Reconstruction accuracy (TRA) per dataset and AUROC vs the first (in-domain) one.
 
+    Next to the compressor's AUROC: the same AUROC scored by a unigram model of the
+    in-domain training split (what the compressor has to beat to be worth routing with).
+
     Example: route-cli compressor eval runs/cmp --data python-code --data python-docs
     --data random --max-chunks 200
     """
-    from cir.compressor.evaluate import auroc_table, evaluate, rows_to_markdown
+    from cir.compressor.evaluate import (
+        auroc_table,
+        evaluate,
+        rows_to_markdown,
+        unigram_auroc_table,
+    )
 
     from cir.checkpoint import load_checkpoint
 
@@ -122,23 +132,38 @@ def eval_cmd(
         rows = evaluate(model, datasets, batch_size=batch_size, max_chunks=max_chunks,
                         on_batch=lambda name, n: bar.update(task, advance=n, info=name))
     aurocs = auroc_table(rows) if len(rows) > 1 else {}
+    base: dict[str, float] | None = None
+    if baseline and len(rows) > 1 and data[0] != "random":
+        try:
+            train_split = _open_eval_data(data[0], "train", model)
+        except (FileNotFoundError, ValueError):
+            train_split = None  # no training split to fit the baseline on: leave it out
+        if train_split is not None and len(train_split) > 0:
+            base = unigram_auroc_table(rows, datasets, train_split, model.config.vocab_size,
+                                       max_chunks)
     if as_json:
         print_json({"checkpoint": str(ckpt), "split": split,
-                    "rows": [r.to_dict() for r in rows], "auroc_vs_first": aurocs})
+                    "rows": [r.to_dict() for r in rows], "auroc_vs_first": aurocs,
+                    "unigram_auroc_vs_first": base})
     elif markdown:
-        print(rows_to_markdown(rows, aurocs))
+        print(rows_to_markdown(rows, aurocs, base))
     else:
-        _print_rows(rows, aurocs)
+        _print_rows(rows, aurocs, base)
 
 
-def _print_rows(rows: list[Any], aurocs: dict[str, float]) -> None:
+def _print_rows(rows: list[Any], aurocs: dict[str, float],
+                base: dict[str, float] | None) -> None:
     table = Table(title=f"reconstruction (in-domain: {rows[0].name})")
-    for col in ("dataset", "chunks", "tokens", "TRA", "TRA/chunk", "CE", "AUROC vs ID"):
+    cols = ["dataset", "chunks", "tokens", "TRA", "TRA/chunk", "CE", "AUROC vs ID"]
+    for col in cols + (["AUROC unigram"] if base is not None else []):
         table.add_column(col, justify="left" if col == "dataset" else "right")
     for r in rows:
-        table.add_row(r.name, str(r.chunks), f"{r.tokens:,}", f"{100 * r.tra:.2f}%",
-                      f"{100 * r.tra_chunk_mean:.2f}%", f"{r.loss:.3f}",
-                      f"{aurocs[r.name]:.4f}" if r.name in aurocs else "-")
+        cells = [r.name, str(r.chunks), f"{r.tokens:,}", f"{100 * r.tra:.2f}%",
+                 f"{100 * r.tra_chunk_mean:.2f}%", f"{r.loss:.3f}",
+                 f"{aurocs[r.name]:.4f}" if r.name in aurocs else "-"]
+        if base is not None:
+            cells.append(f"{base[r.name]:.4f}" if r.name in base else "-")
+        table.add_row(*cells)
     console.print(table)
 
 

@@ -8,6 +8,7 @@ out-of-domain score (``sklearn.metrics.roc_auc_score``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,18 +135,65 @@ def auroc_table(rows: list[EvalRow], in_domain: str | None = None) -> dict[str, 
     return {r.name: auroc(ref, r) for r in rows if r is not ref}
 
 
-def rows_to_markdown(rows: list[EvalRow], aurocs: dict[str, float] | None = None) -> str:
-    """The TRA table as Markdown (AUROC vs the in-domain row when given)."""
+def unigram_logprobs(data: Any, vocab_size: int, batch: int = 4096) -> np.ndarray:
+    """Log-probabilities ``[V]`` of a unigram model of ``data``'s real tokens (add-one)."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for start in range(0, len(data), batch):
+        ids, mask = data.get_batch(np.arange(start, min(len(data), start + batch)))
+        counts += np.bincount(ids[mask.bool()].numpy(), minlength=vocab_size)[:vocab_size]
+    return np.log(counts / counts.sum())
+
+
+def unigram_chunk_loss(
+    logp: np.ndarray, data: Any, max_chunks: int | None = None, batch: int = 4096
+) -> np.ndarray:
+    """Per-chunk mean cross-entropy of ``data`` under ``logp``, for the same chunks (and
+    in the same order) as ``score_dataset``; chunks without tokens are dropped as there."""
+    idx = pick_chunks(len(data), max_chunks)
+    out = []
+    for start in range(0, len(idx), batch):
+        ids, mask = data.get_batch(idx[start : start + batch])
+        m = mask.bool().numpy()  # [B, T]
+        n = m.sum(1)
+        nll = np.where(m, -logp[np.minimum(ids.numpy(), len(logp) - 1)], 0.0).sum(1)
+        out.append(nll[n > 0] / n[n > 0])
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def unigram_auroc_table(
+    rows: list[EvalRow], datasets: dict[str, Any], train_data: Any, vocab_size: int,
+    max_chunks: int | None = None,
+) -> dict[str, float]:
+    """The same AUROC table with a baseline score: each chunk's cross-entropy under a
+    unigram model of the in-domain (first) dataset's training split. A compressor earns
+    its keep as a router where its AUROC beats this bag-of-tokens one."""
+    logp = unigram_logprobs(train_data, vocab_size)
+    base = [
+        dataclasses.replace(r, chunk_loss=unigram_chunk_loss(logp, datasets[r.name], max_chunks))
+        for r in rows
+    ]
+    return auroc_table(base)
+
+
+def rows_to_markdown(
+    rows: list[EvalRow],
+    aurocs: dict[str, float] | None = None,
+    unigram: dict[str, float] | None = None,
+) -> str:
+    """The TRA table as Markdown (AUROC vs the in-domain row, and the unigram baseline's,
+    when given)."""
     head = "| dataset | chunks | tokens | TRA (tokens) | TRA (chunk mean) | CE loss |"
     sep = "|---|---:|---:|---:|---:|---:|"
-    if aurocs is not None:
-        head, sep = head + " AUROC vs ID |", sep + "---:|"
+    extra = [(t, a) for t, a in (("AUROC vs ID", aurocs), ("AUROC unigram", unigram))
+             if a is not None]
+    for title, _ in extra:
+        head, sep = head + f" {title} |", sep + "---:|"
     lines = [head, sep]
     for r in rows:
         line = (f"| {r.name} | {r.chunks} | {r.tokens} | {100 * r.tra:.2f}% | "
                 f"{100 * r.tra_chunk_mean:.2f}% | {r.loss:.3f} |")
-        if aurocs is not None:
-            line += f" {aurocs[r.name]:.4f} |" if r.name in aurocs else " - |"
+        for _, a in extra:
+            line += f" {a[r.name]:.4f} |" if r.name in a else " - |"
         lines.append(line)
     return "\n".join(lines)
 

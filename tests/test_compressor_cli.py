@@ -50,6 +50,13 @@ def test_cli_train_resume_eval(tiny_dataset, tiny_prose_dataset, tmp_path):
     assert code["loss"] < prose["loss"] < rnd["loss"]
     assert set(ev["auroc_vs_first"]) == {str(tiny_prose_dataset), "random"}
     assert ev["auroc_vs_first"]["random"] > 0.99
+    # the unigram baseline, fitted on the in-domain train split, scored on the same chunks
+    assert set(ev["unigram_auroc_vs_first"]) == {str(tiny_prose_dataset), "random"}
+    assert ev["unigram_auroc_vs_first"]["random"] > 0.9
+    bare = _invoke("compressor", "eval", out, "--data", str(tiny_dataset), "--data", "random",
+                   "--split", "train", "--no-baseline", "--json")
+    assert bare["unigram_auroc_vs_first"] is None
+    assert bare["auroc_vs_first"]["random"] == ev["auroc_vs_first"]["random"]
 
 
 def test_cli_eval_markdown(tiny_dataset, tmp_path):

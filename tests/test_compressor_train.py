@@ -107,6 +107,30 @@ def test_auroc_matches_rank_definition():
     assert auroc(ra, rb) == pytest.approx(naive)
 
 
+def test_unigram_baseline_matches_counts_and_aligns_with_rows(trained):
+    from cir.compressor.evaluate import unigram_auroc_table, unigram_chunk_loss, unigram_logprobs
+
+    train = Chunks(40, seed=3)
+    ids, mask = train.get_batch(np.arange(40))
+    counts = np.bincount(ids[mask].numpy(), minlength=512) + 1.0
+    logp = unigram_logprobs(train, 512, batch=7)  # batching must not matter
+    np.testing.assert_allclose(logp, np.log(counts / counts.sum()))
+    data = Chunks(30, seed=4)
+    data.lengths[[2, 5]] = 0  # empty chunks are dropped, as evaluate() drops them
+    got = unigram_chunk_loss(logp, data, max_chunks=20, batch=6)
+    idx = [i for i in np.unique(np.linspace(0, 29, 20).round().astype(int)) if data.lengths[i]]
+    want = [-logp[data.ids[i, : data.lengths[i]]].mean() for i in idx]
+    np.testing.assert_allclose(got, want)
+    out, _, _ = trained
+    sets = {"id": Chunks(64, seed=9), "random": Chunks(64, seed=9, uniform=True)}
+    rows = evaluate(out, sets, batch_size=16, max_chunks=48)
+    base = unigram_auroc_table(rows, sets, Chunks(256), 512, max_chunks=48)
+    # the motif tokens are frequent in training and random tokens mostly are not
+    assert set(base) == {"random"} and base["random"] > 0.99
+    md = rows_to_markdown(rows, auroc_table(rows), base)
+    assert "AUROC unigram" in md and md.splitlines()[-1].count("|") == 9
+
+
 def test_bench_reports_throughput():
     r = bench_scoring("debug", batch_size=4, repeats=2, warmup=1)
     assert r.params > 0 and r.tokens_per_s > 0 and r.random_weights
