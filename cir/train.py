@@ -363,6 +363,7 @@ def train(
         net = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+
     def forward(ids: torch.Tensor, mask: torch.Tensor):
         return loss_fn(net, ids, mask)
 

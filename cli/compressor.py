@@ -36,6 +36,8 @@ def train_cmd(
     steps: int | None = typer.Option(None, help="Optimizer steps (default: the preset's)."),
     batch_size: int | None = typer.Option(None, help="Chunks per step (default: the preset's)."),
     lr: float | None = typer.Option(None, help="Peak learning rate (default: the preset's)."),
+    schedule: str | None = typer.Option(None, help="cosine | wsd (constant, then a linear "
+                                        "decay over the last 20% of the steps)."),
     seed: int = typer.Option(0, help="Seed of the initialisation and the batch order."),
     max_minutes: float = typer.Option(0.0, help="Stop (with a checkpoint) after this long; 0 = no limit."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
@@ -49,7 +51,7 @@ def train_cmd(
     """
     from cir.compressor.train import default_train_config, train_compressor
 
-    given = {"steps": steps, "batch_size": batch_size, "lr": lr}
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "schedule": schedule}
     cfg = default_train_config(preset, seed=seed, compile=compile_, device=device,
                                max_wall_s=60.0 * max_minutes,
                                **{k: v for k, v in given.items() if v is not None})

@@ -74,3 +74,17 @@ def test_cli_eval_markdown(tiny_dataset, tmp_path):
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
     assert lines[0].startswith("| dataset |") and len(lines) == 3 and "| 5 |" in lines[2]
+
+
+def test_cli_train_wsd_schedule(tiny_dataset, tmp_path):
+    out = tmp_path / "wsd"
+    _invoke("compressor", "train", "--data", str(tiny_dataset), "--out", str(out), "--preset",
+            "debug", "--device", "cpu", "--steps", "20", "--schedule", "wsd", "--json")
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in logs if r["event"] == "train"}
+    peak = default_train_config("debug").lr
+    assert lr[10] == lr[15] == peak > lr[20]  # constant, then the decay over the last 4 steps
+    bad = CliRunner().invoke(app, ["compressor", "train", "--data", str(tiny_dataset), "--out",
+                                   str(tmp_path / "bad"), "--preset", "debug", "--schedule",
+                                   "step"])
+    assert bad.exit_code != 0 and "schedule must be cosine or wsd" in bad.output
