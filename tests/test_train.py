@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -143,6 +144,12 @@ def test_kill_between_renames_is_repaired(tmp_path):
     assert res.resumed_from == 8
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 _DDP_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -164,11 +171,12 @@ def test_ddp_gloo_two_processes_matches_single(tmp_path):
     script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env)
-    subprocess.run(
+    two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_port=29517", str(script), str(tmp_path / "two")],
-        check=True, env=env, capture_output=True,
+         f"--master_port={_free_port()}", str(script), str(tmp_path / "two")],
+        env=env, capture_output=True, text=True,
     )
+    assert two.returncode == 0, two.stderr[-3000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
