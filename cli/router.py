@@ -60,6 +60,8 @@ def render_report(report: Any, per_chunk: bool = False) -> None:
                       f"{dec['shares'].get(name, 0.0):.0%}", _fmt(thr), _fmt(ceil))
     verdict = dec["majority"]
     ood = "[red]unknown (out of every mounted domain)[/]" if verdict == "unknown" else "in domain"
+    if report.tokenizer_ood:
+        ood = "[red]unlike every domain to the tokenizer[/] (see the warning)"
     console.print(f"{head}  {len(res)} chunks, {int(res.n_tokens.sum())} tokens")
     for warning in report.warnings:
         console.print(f"  [yellow]warning:[/] {warning}")

@@ -8,7 +8,8 @@
    with narrower models and a few dozen steps, each training stage also capped in wall
    time, so a 2-core CPU finishes in minutes;
 4. sample inputs scored: a Python file, a prose file, a mixed prose + code file, random
-   bytes (skipped as binary) and random characters (out of every domain).
+   bytes (skipped as binary) and random characters (routed by loss, flagged by the
+   tokenizer check: see docs/router.md).
 
 A second run finds the experts mounted and reuses them (``force`` rebuilds from scratch).
 """

@@ -142,6 +142,18 @@ class ExpertInfo:
         value = self.calibration.get("loss_threshold")
         return None if value is None else float(value)
 
+    @property
+    def bytes_per_token(self) -> float | None:
+        """UTF-8 bytes per token of the registry tokenizer on this domain's held-out text
+        (val + test; the train split when there is none), from the mount's corpus stats."""
+        splits = self.meta.get("corpus", {}).get("splits", {})
+        for names in (("val", "test"), ("train",)):
+            n_bytes = sum(splits.get(n, {}).get("bytes", 0) for n in names)
+            n_tokens = sum(splits.get(n, {}).get("tokens", 0) for n in names)
+            if n_bytes > 0 and n_tokens > 0:
+                return n_bytes / n_tokens
+        return None
+
     def checkpoint(self, part: str) -> Path:
         return self.path / part
 
@@ -165,6 +177,10 @@ class Expert:
     @property
     def loss_threshold(self) -> float | None:
         return self.info.loss_threshold
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        return self.info.bytes_per_token
 
     def lm(self, device: str = "cpu") -> Any:
         if self._lm is None:

@@ -39,6 +39,10 @@ import numpy as np
 import torch
 from cir.router.routing import Routable, RouteResult, route_chunks, seq_len_of
 
+# A file the registry tokenizer packs into fewer than this share of the bytes per token it
+# reaches on every expert's held-out text is unlike all of them (random characters, a
+# script the tokenizer never saw): warned about, whatever the compressors say.
+DENSITY_WARN_RATIO = 0.5
 SNIFF_BYTES = 8192
 READ_BYTES = 4 * 2**20
 STDIN = "-"
@@ -54,6 +58,7 @@ class FileReport:
     warnings: list[str] = field(default_factory=list)
     n_bytes: int | None = None
     result: RouteResult | None = None
+    tokenizer_ood: bool = False  # the tokenizer packs it far worse than every domain
 
     @property
     def ok(self) -> bool:
@@ -62,7 +67,7 @@ class FileReport:
     def to_dict(self, per_chunk: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
             "path": self.path, "status": self.status, "reason": self.reason,
-            "warnings": self.warnings, "bytes": self.n_bytes,
+            "warnings": self.warnings, "bytes": self.n_bytes, "tokenizer_ood": self.tokenizer_ood,
         }
         if self.result is not None:
             res = self.result
@@ -204,7 +209,28 @@ def score_path(
         result = _route_stream(experts, chunks, temperature, batch_size)
     except OSError as exc:
         return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
-    return FileReport(name, "ok", None, warnings, info.n_bytes, result)
+    density = _density_warning(experts, info.n_bytes, int(result.n_tokens.sum()))
+    return FileReport(name, "ok", None, warnings + density, info.n_bytes, result,
+                      tokenizer_ood=bool(density))
+
+
+def _density_warning(experts: list[Routable], n_bytes: int, n_tokens: int) -> list[str]:
+    """A warning when the tokenizer packs this input far worse than every expert's text.
+
+    A compressor trained for minutes reconstructs no better than a bag of tokens, and
+    random printable characters (one common token each) can then look in-domain to it;
+    the tokenizer's own compression still tells them apart."""
+    ref = [bpt for e in experts if (bpt := getattr(e, "bytes_per_token", None))]
+    if not ref or n_tokens == 0:
+        return []
+    here = n_bytes / n_tokens
+    if here >= DENSITY_WARN_RATIO * min(ref):
+        return []
+    return [
+        f"the tokenizer packs {here:.2f} bytes/token here, {min(ref):.2f}-{max(ref):.2f} on "
+        "the experts' held-out text: unlike every domain (random characters, or a script "
+        "the tokenizer never saw)"
+    ]
 
 
 def score_paths(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
+import string
 from dataclasses import dataclass
 
 import pytest
@@ -49,6 +51,7 @@ class FakeExpert:
     name: str
     compressor: ParityScorer
     threshold: float | None = 0.0
+    bytes_per_token: float | None = None
 
 
 EXPERTS = [FakeExpert("even", ParityScorer(0)), FakeExpert("odd", ParityScorer(1))]
@@ -111,6 +114,38 @@ def _valid_at(data: bytes, i: int) -> bool:
         return True
     except UnicodeDecodeError as exc:
         return exc.start > i
+
+
+def test_density_warning_for_text_the_tokenizer_cannot_pack(tmp_path, tok):
+    rng = random.Random(0)
+    noise = "".join(rng.choice(string.ascii_letters + string.digits + string.punctuation)
+                    for _ in range(3000))
+    noise_bpt = len(noise) / len(tok.encode(noise).ids)  # about one character per token
+    ref = 2.5 * noise_bpt  # the experts' held-out text (a real tokenizer: 3-4 bytes/token)
+    assert len(TEXT.encode()) / len(tok.encode(TEXT).ids) > 0.5 * ref  # the premise
+    experts = [FakeExpert("even", ParityScorer(0), bytes_per_token=ref),
+               FakeExpert("odd", ParityScorer(1), bytes_per_token=1.5 * ref)]
+    (tmp_path / "noise.txt").write_text(noise)
+    (tmp_path / "text.txt").write_text(TEXT * 20)
+    rep = score_path(tmp_path / "noise.txt", experts, tok)
+    assert rep.ok and len(rep.warnings) == 1 and "bytes/token" in rep.warnings[0]
+    assert f"{noise_bpt:.2f} bytes/token here, {ref:.2f}-{1.5 * ref:.2f}" in rep.warnings[0]
+    assert rep.tokenizer_ood and rep.to_dict()["tokenizer_ood"] is True
+    plain = score_path(tmp_path / "text.txt", experts, tok)
+    assert plain.warnings == [] and not plain.tokenizer_ood
+    assert _score(tmp_path / "noise.txt", tok).warnings == []  # experts without the figure
+
+
+def test_expert_bytes_per_token_from_mount_stats(tmp_path):
+    from cir.router.registry import ExpertInfo
+
+    splits = {"train": {"bytes": 900, "tokens": 300}, "val": {"bytes": 100, "tokens": 50},
+              "test": {"bytes": 300, "tokens": 50}}
+    info = ExpertInfo("x", tmp_path, {"corpus": {"splits": splits}}, {})
+    assert info.bytes_per_token == pytest.approx(4.0)  # held-out: (100 + 300) / (50 + 50)
+    del splits["val"], splits["test"]
+    assert info.bytes_per_token == pytest.approx(3.0)  # else the train split
+    assert ExpertInfo("x", tmp_path, {}, {}).bytes_per_token is None
 
 
 def test_short_file_is_one_padded_chunk(tmp_path, tok):
