@@ -255,7 +255,7 @@ def quickstart_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Build a registry of experts from built-in local corpora (python-code, python-docs,
-    and c-code or man-pages where present) in about five minutes on a 2-core CPU, then
+    and c-code or man-pages where present) in about a minute on a 2-core CPU, then
     score sample files. A second run reuses the registry.
 
     Example: route-cli quickstart

@@ -1,4 +1,4 @@
-"""Quickstart: a working registry from built-in local corpora in about five CPU minutes.
+"""Quickstart: a working registry from built-in local corpora in about a minute of CPU.
 
 1. domains: ``python-code`` and ``python-docs`` (present wherever Python is), plus
    ``c-code`` (``/usr/include``) or else ``man-pages`` when the machine has them;
