@@ -140,7 +140,7 @@ def unigram_logprobs(data: Any, vocab_size: int, batch: int = 4096) -> np.ndarra
     counts = np.ones(vocab_size, dtype=np.float64)
     for start in range(0, len(data), batch):
         ids, mask = data.get_batch(np.arange(start, min(len(data), start + batch)))
-        counts += np.bincount(ids[mask.bool()].numpy(), minlength=vocab_size)[:vocab_size]
+        counts += np.bincount(ids[mask.bool()].numpy(), minlength=vocab_size)
     return np.log(counts / counts.sum())
 
 
@@ -155,7 +155,7 @@ def unigram_chunk_loss(
         ids, mask = data.get_batch(idx[start : start + batch])
         m = mask.bool().numpy()  # [B, T]
         n = m.sum(1)
-        nll = np.where(m, -logp[np.minimum(ids.numpy(), len(logp) - 1)], 0.0).sum(1)
+        nll = np.where(m, -logp[ids.numpy()], 0.0).sum(1)
         out.append(nll[n > 0] / n[n > 0])
     return np.concatenate(out) if out else np.zeros(0)
 
