@@ -156,9 +156,12 @@ def eval_cmd(
 def _print_rows(rows: list[Any], aurocs: dict[str, float],
                 base: dict[str, float] | None) -> None:
     table = Table(title=f"reconstruction (in-domain: {rows[0].name})")
-    cols = ["dataset", "chunks", "tokens", "TRA", "TRA/chunk", "CE", "AUROC vs ID"]
-    for col in cols + (["AUROC unigram"] if base is not None else []):
-        table.add_column(col, justify="left" if col == "dataset" else "right")
+    cols = ["dataset", "chunks", "tokens", "TRA", "TRA/\nchunk", "CE", "AUROC\nvs ID"]
+    for col in cols + (["AUROC\nunigram"] if base is not None else []):
+        if col == "dataset":  # names (often paths) wrap rather than being cut
+            table.add_column(col, overflow="fold", min_width=12)
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         cells = [r.name, str(r.chunks), f"{r.tokens:,}", f"{100 * r.tra:.2f}%",
                  f"{100 * r.tra_chunk_mean:.2f}%", f"{r.loss:.3f}",
