@@ -18,13 +18,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -
 # written). The bench measures the same copy itself (bench.json: bandwidth_bytes_per_s).
 python3 - <<'PY' 2>&1 | tee -a "$LOG"
 import json, os, torch
-x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
-for _ in range(3): y.copy_(x)
-s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-s.record()
-for _ in range(10): y.copy_(x)
-e.record(); torch.cuda.synchronize()
-bw = 2 * x.numel() * 10 / (s.elapsed_time(e) / 1e3)
+from cir.experts.bench import measure_bandwidth
+bw = measure_bandwidth(torch.device("cuda"), nbytes=2 * 2**30)  # mean of 10 copies of 2 GiB
 print(f"device copy bandwidth: {bw / 1e12:.2f} TB/s")
 json.dump({"copy_bandwidth_bytes_per_s": bw, "device": torch.cuda.get_device_name(0)},
           open(os.path.join(os.environ["OUT"], "bandwidth.json"), "w"))
