@@ -470,8 +470,8 @@ def _run_guarded(fn: Callable[[], Any], device: torch.device) -> tuple[bool, Any
     """Run ``fn`` with the device's peak-memory counter reset: ``(ok, its result, peak
     bytes)`` (peak None off CUDA). An out-of-memory is ``ok=False`` with the memory freed;
     any other error is re-raised."""
+    _free(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     ok, out = True, None
     try:
@@ -488,15 +488,14 @@ def _run_guarded(fn: Callable[[], Any], device: torch.device) -> tuple[bool, Any
 
 def _point(
     name: str, model: nn.Module, kind: str | None, arch: str, n: int, steps: int,
-    device: torch.device, graphs: str, bandwidth: float | None,
+    device: torch.device, graphs: str, bandwidth: float | None, n_params: int,
 ) -> BenchPoint:
     """One measured point; an out-of-memory becomes ``error='oom'``."""
     point = BenchPoint(model=name, n=n)
     flops = analytic_flops(model.config, arch, n)
     point.flops_hit, point.flops_miss = flops["hit"], flops["miss"]
     weight = model.emb.weight
-    point.hit_bytes = hit_bytes(model.config, arch, n, weight.element_size(),
-                                sum(p.numel() for p in model.parameters()))
+    point.hit_bytes = hit_bytes(model.config, arch, n, weight.element_size(), n_params)
     ok, m, peak = _run_guarded(partial(_measure, model, kind, n, steps, device, graphs), device)
     if not ok:
         point.error = "oom"
@@ -767,7 +766,7 @@ def _bench_model(
     bandwidth = result.bandwidth_bytes_per_s
     sweep_budget = None if budget is None else budget * (1 - SEARCH_SHARE * search)
     measure = partial(_point, name, model, kind, arch, steps=steps, device=dev, graphs=mode,
-                      bandwidth=bandwidth)
+                      bandwidth=bandwidth, n_params=result.params[name])
     points, note = _sweep(measure, name, ns, sweep_budget, on_point)
     result.points.extend(points)
     if note:
