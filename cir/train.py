@@ -185,7 +185,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast_for(device: torch.device, precision: str):
+    """The autocast context of ``precision``: auto is bf16 on CUDA and fp32 elsewhere."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -309,7 +312,7 @@ def evaluate(
     for b in range(batches):
         idx = np.arange(b * bs, min(n, (b + 1) * bs))
         ids, mask = (t.to(device) for t in data.get_batch(idx))
-        with _autocast(device, cfg.precision):
+        with autocast_for(device, cfg.precision):
             loss, metrics = loss_fn(model, ids, mask)
         for k, v in {"loss": float(loss.detach()), **_to_float(metrics)}.items():
             totals[k] = totals.get(k, 0.0) + v / batches
@@ -383,7 +386,7 @@ def train(
         idx = batch_indices(cfg.seed, step, cfg.batch_size, len(train_data))
         idx = idx[ddp.rank * per_rank : (ddp.rank + 1) * per_rank]
         ids, mask = (t.to(device, non_blocking=True) for t in train_data.get_batch(idx))
-        with _autocast(device, cfg.precision):
+        with autocast_for(device, cfg.precision):
             loss, metrics = forward(ids, mask)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

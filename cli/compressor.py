@@ -102,6 +102,8 @@ def eval_cmd(
     max_chunks: int | None = typer.Option(None, help="Chunks per dataset (evenly spread)."),
     batch_size: int | None = typer.Option(None, help="Chunks per scoring pass."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, as trained "
+                                  "there; fp32 on CPU) | fp32 | bf16"),
     baseline: bool = typer.Option(True, help="Also the AUROC of a unigram model of the "
                                   "first dataset's train split (a bag-of-tokens baseline)."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
@@ -132,7 +134,7 @@ def eval_cmd(
     with progress(disable=as_json or markdown) as bar:
         task = bar.add_task("score", total=total, info="")
         rows = evaluate(model, datasets, batch_size=batch_size, max_chunks=max_chunks,
-                        on_batch=lambda name, n: bar.update(task, advance=n, info=name))
+                        precision=precision, on_batch=lambda name, n: bar.update(task, advance=n, info=name))
     aurocs = auroc_table(rows) if len(rows) > 1 else {}
     base: dict[str, float] | None = None
     if baseline and len(rows) > 1 and data[0] != "random":

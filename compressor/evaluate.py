@@ -68,14 +68,16 @@ def score_dataset(
     batch_size: int | None = None,
     max_chunks: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    precision: str = "auto",
 ) -> ChunkScores:
-    """Per-chunk scores of ``data`` (a ``ChunkDataset``); ``on_batch(n_chunks)`` after each."""
+    """Per-chunk scores of ``data`` (a ``ChunkDataset``); ``on_batch(n_chunks)`` after each.
+    ``precision`` as in ``Compressor.score`` (auto: bf16 on CUDA, fp32 on CPU)."""
     idx = pick_chunks(len(data), max_chunks)
     bs = batch_size or model.default_score_batch()
     parts = []
     for start in range(0, len(idx), bs):
         ids, mask = data.get_batch(idx[start : start + bs])
-        parts.append(model.score(ids, mask, batch_size=bs))
+        parts.append(model.score(ids, mask, batch_size=bs, precision=precision))
         if on_batch is not None:
             on_batch(len(ids))
     if not parts:
@@ -106,13 +108,15 @@ def evaluate(
     max_chunks: int | None = None,
     device: str = "cpu",
     on_batch: Callable[[str, int], None] | None = None,
+    precision: str = "auto",
 ) -> list[EvalRow]:
     """One ``EvalRow`` per named dataset (same order), with per-chunk scores for AUROC."""
     model = _as_model(checkpoint_or_model, device)
     rows = []
     for name, data in datasets.items():
         cb = None if on_batch is None else (lambda n, _name=name: on_batch(_name, n))
-        rows.append(row_from_scores(name, score_dataset(model, data, batch_size, max_chunks, cb)))
+        rows.append(row_from_scores(name, score_dataset(model, data, batch_size, max_chunks, cb,
+                                                       precision)))
     return rows
 
 

@@ -136,6 +136,18 @@ class ChunkScores:
         )
 
 
+def sinusoids(n: int, d: int) -> torch.Tensor:
+    """``[n, d]`` Transformer position table: sin / cos pairs at geometric frequencies
+    from 1 to 1/10000 (the last unpaired column of an odd ``d`` is a sine)."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]  # [n, 1]
+    freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [ceil(d/2)]
+    angle = pos * freq  # [n, ceil(d/2)]
+    table = torch.zeros(n, d, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle[:, : d // 2])
+    return table.float()
+
+
 class Block(nn.Module):
     """Pre-LN bidirectional Transformer layer: attention (optional key mask) + GELU MLP."""
 
@@ -186,23 +198,27 @@ class Compressor(nn.Module):
 
     def reset_parameters(self) -> None:
         """Fan-in scaled: every linear weight N(0, 1/fan_in), the token embedding (also
-        the LM head) N(0, 1/d_model), position and latent queries N(0, 0.02).
+        the LM head) N(0, 1/d_model), latent queries N(0, 0.02); both position tables
+        start sinusoidal (then learned): the encoder's at the token embeddings' scale
+        (rows of norm 1), the decoder's position queries at the latents' scale (rows of
+        norm sqrt(d_model / 2), next to LayerNorm outputs of norm sqrt(d_model)).
 
         Not GPT-2's N(0, 0.02): information reaches a reconstruction only through two
         attention hops (tokens -> latents -> positions), each a product of small matrices
         under that init, and the model sits for thousands of steps on the position-wise
-        unigram plateau with latents it ignores (see docs/architecture.md)."""
+        unigram plateau with latents it ignores. Small random position queries also leave
+        the decoder's positions almost alike beside the latents; sinusoids make them
+        distinct and smooth from step 0 (see docs/architecture.md)."""
         d = self.config.d_model
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if p.dim() < 2 or name in ("enc_pos", "pos_queries"):
                 continue  # LayerNorm weights/biases keep their defaults
-            if name == "tok_emb.weight":
-                std = d**-0.5
-            elif name in ("enc_pos", "latent_queries", "pos_queries"):
-                std = 0.02
-            else:
-                std = p.shape[1] ** -0.5
-            nn.init.normal_(p, mean=0.0, std=std)
+            stds = {"tok_emb.weight": d**-0.5, "latent_queries": 0.02}
+            nn.init.normal_(p, mean=0.0, std=stds.get(name, p.shape[1] ** -0.5))
+        with torch.no_grad():
+            table = sinusoids(self.config.seq_len, d)  # [S, D], rows of norm sqrt(D / 2)
+            self.enc_pos.copy_(table * (2.0 / d) ** 0.5)
+            self.pos_queries.copy_(table)
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``ids, mask [B, T]`` (T <= seq_len) -> latents ``z [B, L, D]``."""
@@ -254,8 +270,14 @@ class Compressor(nn.Module):
         mask: torch.Tensor,
         batch_size: int | None = None,
         return_latents: bool = False,
+        precision: str = "auto",
     ) -> ChunkScores:
-        """Per-chunk reconstruction loss and TRA for ``ids, mask [B, T]``, batched."""
+        """Per-chunk reconstruction loss and TRA for ``ids, mask [B, T]``, batched.
+
+        ``precision``: auto (bf16 autocast on CUDA, as the trainer runs there; fp32
+        elsewhere) | fp32 | bf16. Losses are always taken on fp32 logits."""
+        from cir.train import autocast_for
+
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -263,8 +285,9 @@ class Compressor(nn.Module):
         parts = []
         for start in range(0, ids.shape[0], bs):
             sl = slice(start, start + bs)
-            parts.append(self._score_batch(ids[sl].to(device), mask[sl].to(device),
-                                           return_latents))
+            with autocast_for(device, precision):
+                parts.append(self._score_batch(ids[sl].to(device), mask[sl].to(device),
+                                               return_latents))
         self.train(was_training)
         if not parts:
             empty = torch.zeros(0)

@@ -47,7 +47,10 @@ def test_cli_train_resume_eval(tiny_dataset, tiny_prose_dataset, tmp_path):
     rows = {r["name"]: r for r in ev["rows"]}
     code, prose, rnd = (rows[str(tiny_dataset)], rows[str(tiny_prose_dataset)], rows["random"])
     assert rnd["tra"] < 0.05 < code["tra"]
-    assert code["loss"] < prose["loss"] < rnd["loss"]
+    assert rnd["tra"] < prose["tra"] < code["tra"]
+    # both OOD sets are far above in-domain; between them a 300-step debug model has no
+    # reliable order of losses (prose ~ random, either side by a few tenths of a nat)
+    assert code["loss"] < min(prose["loss"], rnd["loss"]) - 3.0
     assert set(ev["auroc_vs_first"]) == {str(tiny_prose_dataset), "random"}
     assert ev["auroc_vs_first"]["random"] > 0.99
     # the unigram baseline, fitted on the in-domain train split, scored on the same chunks

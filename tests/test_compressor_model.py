@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -100,6 +101,24 @@ def test_score_matches_naive_reference():
         acc = (logits[b][real].argmax(-1) == ids[b][real]).float().mean()
         torch.testing.assert_close(s.loss[b], ce, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(s.tra[b], acc)
+
+
+def test_score_precision():
+    """auto is fp32 on CPU (identical to fp32); bf16 runs the model under bf16 autocast:
+    the losses move by bf16 rounding only, the latents come back as fp32."""
+    m = _model()
+    ids, mask = _batch(m.config)
+    fp32, auto = m.score(ids, mask, precision="fp32"), m.score(ids, mask)
+    assert torch.equal(fp32.loss, auto.loss) and torch.equal(fp32.n_correct, auto.n_correct)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(m(ids, mask).float()[0], ids[0])  # chunk 0 has no padding
+    bf16 = m.score(ids, mask, precision="bf16", return_latents=True)
+    torch.testing.assert_close(bf16.loss[0], ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(bf16.loss, fp32.loss)
+    torch.testing.assert_close(bf16.loss, fp32.loss, rtol=0.02, atol=0.02)
+    assert bf16.latents.dtype == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        m.score(ids, mask, precision="fp16")
 
 
 def test_empty_chunk_scores_nan():
@@ -200,3 +219,32 @@ def test_sampled_loss():
     a = fn(m, ids, mask)[0]
     torch.manual_seed(1)
     assert torch.equal(a, fn(m, ids, mask)[0])  # positions come from the global RNG
+
+
+def test_sinusoids_reference():
+    """Against the closed form: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...)."""
+    from cir.compressor.model import sinusoids
+
+    d = 6
+    table = sinusoids(50, d)
+    for p in (0, 1, 7, 49):
+        for i in range(d // 2):
+            angle = p / 10000 ** (2 * i / d)
+            assert table[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+    assert sinusoids(3, 5).shape == (3, 5)  # odd width: a last unpaired sine column
+
+
+def test_position_init_scales():
+    """Encoder positions at the token embeddings' scale, decoder position queries at the
+    latents' (LayerNorm outputs), every position distinct, neighbours closer than far ones."""
+    m = Compressor(CompressorConfig.from_name("debug", d_model=64, n_heads=2, seq_len=64))
+    d = m.config.d_model
+    tok_norm = m.tok_emb.weight.norm(dim=1).mean().item()
+    torch.testing.assert_close(m.enc_pos.norm(dim=1), torch.ones(64))
+    assert tok_norm == pytest.approx(1.0, rel=0.1)
+    torch.testing.assert_close(m.pos_queries.norm(dim=1), torch.full((64,), (d / 2) ** 0.5))
+    q = F.normalize(m.pos_queries.detach(), dim=1)
+    cos = q @ q.T  # [S, S]
+    assert (cos - torch.eye(64)).max() < 0.99  # no two positions alike
+    assert cos[10, 11] > cos[10, 40]
