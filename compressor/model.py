@@ -181,7 +181,7 @@ class Compressor(nn.Module):
     kind = "compressor"
     config_class = CompressorConfig
 
-    def __init__(self, config: CompressorConfig) -> None:
+    def __init__(self, config: CompressorConfig, position_init: str = "sinusoid") -> None:
         super().__init__()
         self.config = cfg = config
         d = cfg.d_model
@@ -194,31 +194,39 @@ class Compressor(nn.Module):
         self.decoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_dec_layers))
         self.dec_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
-        self.reset_parameters()
+        self.reset_parameters(position_init)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, position_init: str = "sinusoid") -> None:
         """Fan-in scaled: every linear weight N(0, 1/fan_in), the token embedding (also
-        the LM head) N(0, 1/d_model), latent queries N(0, 0.02); both position tables
-        start sinusoidal (then learned): the encoder's at the token embeddings' scale
-        (rows of norm 1), the decoder's position queries at the latents' scale (rows of
-        norm sqrt(d_model / 2), next to LayerNorm outputs of norm sqrt(d_model)).
+        the LM head) N(0, 1/d_model), latent queries N(0, 0.02). ``position_init``:
+        ``sinusoid`` starts both position tables as sinusoids (then learned), the encoder's
+        at the token embeddings' scale (rows of norm 1), the decoder's position queries at
+        the latents' scale (rows of norm sqrt(d_model / 2), next to LayerNorm outputs of
+        norm sqrt(d_model)); ``normal`` draws them from N(0, 0.02).
 
-        Not GPT-2's N(0, 0.02): information reaches a reconstruction only through two
-        attention hops (tokens -> latents -> positions), each a product of small matrices
-        under that init, and the model sits for thousands of steps on the position-wise
-        unigram plateau with latents it ignores. Small random position queries also leave
-        the decoder's positions almost alike beside the latents; sinusoids make them
-        distinct and smooth from step 0 (see docs/architecture.md)."""
+        Not GPT-2's N(0, 0.02) everywhere: information reaches a reconstruction only
+        through two attention hops (tokens -> latents -> positions), each a product of
+        small matrices under that init, and the model sits for thousands of steps on the
+        position-wise unigram plateau with latents it ignores. Small random position
+        queries also leave the decoder's positions almost alike beside the latents;
+        sinusoids make them distinct from step 0, which takes a model that goes on to
+        reconstruct off the plateau sooner, and slows one that stays a bag of tokens
+        (measured both ways in docs/architecture.md)."""
+        if position_init not in ("sinusoid", "normal"):
+            raise ValueError(f"position_init must be sinusoid or normal, got {position_init!r}")
         d = self.config.d_model
+        sinusoidal = ("enc_pos", "pos_queries") if position_init == "sinusoid" else ()
+        stds = {"tok_emb.weight": d**-0.5, "latent_queries": 0.02, "enc_pos": 0.02,
+                "pos_queries": 0.02}
         for name, p in self.named_parameters():
-            if p.dim() < 2 or name in ("enc_pos", "pos_queries"):
+            if p.dim() < 2 or name in sinusoidal:
                 continue  # LayerNorm weights/biases keep their defaults
-            stds = {"tok_emb.weight": d**-0.5, "latent_queries": 0.02}
             nn.init.normal_(p, mean=0.0, std=stds.get(name, p.shape[1] ** -0.5))
-        with torch.no_grad():
-            table = sinusoids(self.config.seq_len, d)  # [S, D], rows of norm sqrt(D / 2)
-            self.enc_pos.copy_(table * (2.0 / d) ** 0.5)
-            self.pos_queries.copy_(table)
+        if sinusoidal:
+            with torch.no_grad():
+                table = sinusoids(self.config.seq_len, d)  # [S, D], rows of norm sqrt(D / 2)
+                self.enc_pos.copy_(table * (2.0 / d) ** 0.5)
+                self.pos_queries.copy_(table)
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``ids, mask [B, T]`` (T <= seq_len) -> latents ``z [B, L, D]``."""

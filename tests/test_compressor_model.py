@@ -238,7 +238,8 @@ def test_sinusoids_reference():
 def test_position_init_scales():
     """Encoder positions at the token embeddings' scale, decoder position queries at the
     latents' (LayerNorm outputs), every position distinct, neighbours closer than far ones."""
-    m = Compressor(CompressorConfig.from_name("debug", d_model=64, n_heads=2, seq_len=64))
+    cfg = CompressorConfig.from_name("debug", d_model=64, n_heads=2, seq_len=64)
+    m = Compressor(cfg)  # sinusoid by default
     d = m.config.d_model
     tok_norm = m.tok_emb.weight.norm(dim=1).mean().item()
     torch.testing.assert_close(m.enc_pos.norm(dim=1), torch.ones(64))
@@ -248,3 +249,36 @@ def test_position_init_scales():
     cos = q @ q.T  # [S, S]
     assert (cos - torch.eye(64)).max() < 0.99  # no two positions alike
     assert cos[10, 11] > cos[10, 40]
+
+
+def test_position_init_normal_reference():
+    """``normal``: every 2-D parameter drawn in order from the documented N(0, std), the
+    position tables at 0.02 (the same draws with the same seed: a bit-for-bit reference)."""
+    cfg = CompressorConfig.from_name("debug")
+    m, ref = Compressor(cfg), Compressor(cfg)
+    torch.manual_seed(5)
+    m.reset_parameters("normal")
+    d = cfg.d_model
+    stds = {"tok_emb.weight": d**-0.5, "latent_queries": 0.02, "enc_pos": 0.02,
+            "pos_queries": 0.02}
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape) * stds.get(name, p.shape[1] ** -0.5))
+    for (name, a), b in zip(m.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=name)
+    with pytest.raises(ValueError, match="position_init"):
+        Compressor(cfg, position_init="learned")
+
+
+def test_presets_pick_their_position_init(monkeypatch):
+    """CPU presets keep N(0, 0.02) positions, GPU-sized ones start sinusoidal."""
+    from cir.compressor import train as ctrain
+
+    seen = []
+    monkeypatch.setattr(ctrain, "Compressor", lambda cfg, position_init: seen.append(
+        position_init))
+    for preset in ("debug", "small", "base", "paper"):
+        ctrain.build_compressor(preset)
+    assert seen == ["normal", "normal", "sinusoid", "sinusoid"]
