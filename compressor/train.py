@@ -23,8 +23,10 @@ _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "small": dict(steps=2000, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=500,
                   ckpt_every=100, log_every=10, weight_decay=0.0),
     "base": dict(steps=20_000, batch_size=64, lr=6e-4, warmup_steps=500),
-    "paper": dict(steps=50_000, batch_size=64, lr=3e-4, warmup_steps=1000, eval_every=1000,
-                  ckpt_every=1000),
+    # the recipe of the GPU runs (docs/results/gpu-tra.md): constant 5e-4 after a short
+    # warmup, linear decay over the last 20%; extend a run in its constant phase at will
+    "paper": dict(steps=50_000, batch_size=64, lr=5e-4, warmup_steps=300, schedule="wsd",
+                  eval_every=1000, ckpt_every=1000),
 }
 
 

@@ -150,3 +150,16 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and "valid: debug, small, base, paper" in res.output
     res = CliRunner().invoke(app, ["compressor", "eval", str(tmp_path), "--data", "x"])
     assert res.exit_code == 2 and "not a checkpoint directory" in res.output
+
+
+def test_paper_defaults_are_the_measured_recipe():
+    """The `paper` preset trains as the GPU runs did: wsd, 5e-4 after 300 warmup steps."""
+    from cir.compressor.train import default_train_config
+
+    from cir.train import lr_at
+
+    cfg = default_train_config("paper")
+    assert (cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.batch_size) == ("wsd", 5e-4, 300, 64)
+    assert lr_at(300, cfg) == lr_at(cfg.steps * 8 // 10, cfg) == 5e-4  # constant phase
+    assert lr_at(cfg.steps, cfg) < lr_at(cfg.steps * 9 // 10, cfg) < 5e-4  # the decay
+    assert default_train_config("paper", schedule="cosine").schedule == "cosine"
