@@ -39,8 +39,22 @@ def encode_long(tokenizer: Tokenizer, text: str) -> np.ndarray:
     """Token ids ``int64 [L]`` of a text of any length, encoded piecewise (same ids as one call)."""
     if len(text) <= ENCODE_CHARS:
         return np.asarray(encode(tokenizer, text), dtype=np.int64)
-    parts = [np.asarray(encode(tokenizer, sub), dtype=np.int64) for sub in _sub_pieces(text, ENCODE_CHARS)]
-    return np.concatenate(parts)
+    return encode_many(tokenizer, [text])[0]
+
+
+def encode_many(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """``encode_long`` of every text, all pieces in one parallel ``encode_batch`` call."""
+    pieces: list[str] = []
+    owner: list[int] = []
+    for i, text in enumerate(texts):
+        subs = [text] if len(text) <= ENCODE_CHARS else list(_sub_pieces(text, ENCODE_CHARS))
+        pieces.extend(subs)
+        owner.extend([i] * len(subs))
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    for i, enc in zip(owner, tokenizer.encode_batch(pieces, add_special_tokens=False), strict=True):
+        parts[i].append(np.asarray(enc.ids, dtype=np.int64))
+    return [np.concatenate(p) if len(p) > 1 else p[0] if p else np.zeros(0, np.int64)
+            for p in parts]
 
 
 def chunk_text(text: str, tokenizer: Tokenizer, seq_len: int = DEFAULT_SEQ_LEN) -> tuple[np.ndarray, np.ndarray]:

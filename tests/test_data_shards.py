@@ -228,7 +228,11 @@ def test_piecewise_encoding_equals_one_call(tok, tiny_corpus, tiny_tokenizer, tm
     want = encode(tok, text)
     monkeypatch.setattr(chunking, "ENCODE_CHARS", 300)
     assert chunking.encode_long(tok, text).tolist() == want
-    monkeypatch.setattr(shards, "ENCODE_CHARS", 300)
+    # many texts, long (piecewise), short and empty, in one batched call: ids as one by one
+    texts = [text, "def f():\n    return 1\n", "", text[:299], text[: len(text) // 2]]
+    got = chunking.encode_many(tok, texts)
+    assert [g.tolist() for g in got] == [encode(tok, t) for t in texts]
+    assert all(g.dtype == np.int64 for g in got)
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "long.txt").write_text(text)
     build_dataset(tmp_path / "ds", str(tmp_path / "src"), tokenizer=tiny_tokenizer, seq_len=SEQ)
