@@ -126,6 +126,8 @@ def eval_cmd(
 
     from cir.checkpoint import load_checkpoint
 
+    if precision not in ("auto", "fp32", "bf16"):
+        fail(f"--precision must be auto, fp32 or bf16, got {precision!r}")
     model = load_checkpoint(ckpt, device=device)
     if getattr(model, "kind", None) != "compressor":
         fail(f"{ckpt}: a {getattr(model, 'kind', '?')} checkpoint, not a compressor")

@@ -77,6 +77,13 @@ def test_cli_eval_markdown(tiny_dataset, tmp_path):
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
     assert lines[0].startswith("| dataset |") and len(lines) == 3 and "| 5 |" in lines[2]
+    both = [_invoke("compressor", "eval", str(tmp_path / "m"), "--data", str(tiny_dataset),
+                    "--split", "train", "--max-chunks", "5", "--json", *extra)
+            for extra in ([], ["--precision", "fp32"])]
+    assert both[0]["rows"] == both[1]["rows"]  # auto is fp32 on CPU
+    bad = CliRunner().invoke(app, ["compressor", "eval", str(tmp_path / "m"), "--data",
+                                   str(tiny_dataset), "--precision", "fp16"])
+    assert bad.exit_code != 0 and "--precision must be auto, fp32 or bf16" in bad.output
 
 
 def test_cli_train_wsd_schedule(tiny_dataset, tmp_path):
