@@ -2,8 +2,8 @@
 
 ``iter_documents(spec)`` streams ``Document(id, text, source)`` for:
 
-- a built-in name from ``SOURCES`` (``python-code``, ``python-docs``, ``python-docstrings``,
-  ``c-code``, ``man-pages``);
+- a built-in name from ``SOURCES`` (``python-code``, ``python-docs``, ``python-prose``,
+  ``python-docstrings``, ``c-code``, ``man-pages``);
 - a directory (every regular file under it), a glob (``"src/**/*.py"``), a file, or a list
   of any of these;
 - ``hf:<dataset>[:<config>][:<split>][?data_files=<path>&column=<name>]`` through
@@ -26,6 +26,7 @@ import ast
 import glob
 import gzip
 import os
+import re
 import site
 import sysconfig
 from collections import Counter
@@ -321,6 +322,68 @@ def python_docs(opts: ReadOptions) -> Iterator[Document]:
     yield from file_documents("python-docs", filesets, opts, _clean_doc)
 
 
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_RST_CODE = re.compile(r"^\s*\.\.\s+(code-block|code|sourcecode|doctest|testcode|testoutput|"
+                       r"highlight|literalinclude|ipython|jupyter-execute)::")
+_PROMPT = re.compile(r"^\s*(>>>|\.\.\.|\$ |In \[\d+\]:)")
+
+
+def strip_code(text: str, min_indent: int = 4) -> str:
+    """Prose of a doc: Markdown fences, reST code directives and ``::`` literal blocks,
+    lines indented by ``min_indent`` columns or more, and interactive-session lines
+    (``>>>``, ``...``, ``$``) removed; blank lines collapsed. Inline code in a sentence
+    stays."""
+    out: list[str] = []
+    fence: str | None = None
+    literal = False  # inside an indented block opened by `::` or a code directive
+    for line in text.splitlines():
+        if fence is not None:
+            if line.strip().startswith(fence):
+                fence = None
+            continue
+        m = _FENCE.match(line)
+        if m:
+            fence = m.group(1)
+            continue
+        expanded = line.expandtabs(4)
+        indent = len(expanded) - len(expanded.lstrip())
+        if not line.strip():
+            if not out or out[-1]:
+                out.append("")
+            continue
+        if literal and indent > 0:
+            continue
+        literal = False
+        if _RST_CODE.match(line):
+            literal = True
+            continue
+        if indent >= min_indent or _PROMPT.match(line):
+            continue
+        if line.rstrip().endswith("::"):
+            literal = True
+            line = line.rstrip()[:-1]  # "Example::" reads "Example:"
+            if line.strip() == ":":
+                continue
+        out.append(line.rstrip())
+    return "\n".join(out).strip() + "\n"
+
+
+def _clean_prose(path: Path, text: str) -> str:
+    text = _clean_doc(path, text)
+    return strip_code(text) if text.strip() else ""
+
+
+def python_prose(opts: ReadOptions) -> Iterator[Document]:
+    """``python-docs`` with the code taken out (``strip_code``): documentation prose, the
+    semi-OOD set for a code domain without the code examples that docs are full of."""
+    for name, text in sorted(pydoc_topics().items()):
+        prose = strip_code(text, min_indent=3)  # pydoc's rendered text indents code by 3
+        if prose.strip():
+            yield Document(f"python-prose:pydoc/{name}", prose, "python-prose")
+    filesets = _python_filesets(_is_doc, skip_dirs=frozenset({"test", "tests"}))
+    yield from file_documents("python-prose", filesets, opts, _clean_prose)
+
+
 def _docstrings(path: Path, text: str) -> str:
     """Module, class and function docstrings of a Python file, in source order."""
     try:
@@ -398,6 +461,10 @@ SOURCES: dict[str, SourceInfo] = {
     "python-docs": SourceInfo(
         "python-docs", "pydoc topics and installed packages' .rst/.md/.txt docs", python_docs,
         lambda: bool(pydoc_topics()),
+    ),
+    "python-prose": SourceInfo(
+        "python-prose", "python-docs without code: fences, literal blocks, indented blocks "
+        "and >>> sessions removed", python_prose, lambda: bool(pydoc_topics()),
     ),
     "python-docstrings": SourceInfo(
         "python-docstrings", "docstrings of the stdlib and installed packages, one document per module",

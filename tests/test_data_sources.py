@@ -254,3 +254,33 @@ def test_python_docs_package_files(monkeypatch, tmp_path):
         "python-docs:site-packages/pkg-1.0.dist-info/METADATA": "Long description here.\n",
     }
     assert dict(stats.counts) == {"filtered": 1}
+
+
+def test_strip_code_keeps_prose_only():
+    text = (
+        "# Title\n\nSome words about `x`.\n\n```python\nimport x\n\nx.run()\n```\n\n"
+        "Example::\n\n    >>> f(1)\n    2\n\nBack to prose.\n>>> g()\n... h()\n$ pip install x\n\n"
+        ".. code-block:: python\n\n   a = 1\n\n   b = 2\n\nDone.\n    indented code\n"
+        "~~~\nfenced = True\n~~~\nTail line.\n"
+    )
+    assert sources.strip_code(text) == (
+        "# Title\n\nSome words about `x`.\n\nExample:\n\nBack to prose.\n\nDone.\nTail line.\n"
+    )
+    rendered = "It is used so:\n\n   if_stmt ::= suite\n\nMore text.\n"  # pydoc indents by 3
+    assert sources.strip_code(rendered, min_indent=3) == "It is used so:\n\nMore text.\n"
+    assert sources.strip_code(rendered) == rendered  # 3 columns is prose for Markdown
+
+
+def test_python_prose_source(monkeypatch, tmp_path):
+    lib = tmp_path / "lib"
+    _write(lib / "pkg" / "README.md", "# Pkg\n\nUse it like this:\n\n```\npkg.run()\n```\n\nThat is all.\n")
+    _write(lib / "pkg" / "CODE.md", "```\nonly_code()\n```\n")
+    monkeypatch.setattr(sources, "python_roots", lambda: [("site-packages", lib)])
+    monkeypatch.setattr(sources, "pydoc_topics", lambda: {"if": "The if statement:\n\n   if x: y\n"})
+    stats = SkipStats()
+    docs = {d.id: d.text for d in iter_documents("python-prose", stats)}
+    assert docs == {
+        "python-prose:pydoc/if": "The if statement:\n",
+        "python-prose:site-packages/pkg/README.md": "# Pkg\n\nUse it like this:\n\nThat is all.\n",
+    }
+    assert dict(stats.counts) == {"filtered": 1}  # nothing left of CODE.md
