@@ -31,7 +31,7 @@ def _progress_callback(bar: Any, task: Any, max_tokens: int | None) -> Any:
 @handle_errors
 def build_cmd(
     name: str = typer.Argument(..., help="Dataset name (stored under $CIR_HOME/datasets/NAME)."),
-    source: str = typer.Option(..., "--source", "-s", help="python-code | python-docs | c-code | man-pages | DIR | GLOB | FILE | hf:<dataset>[:<config>][:<split>]"),
+    source: str = typer.Option(..., "--source", "-s", help="python-code | python-docs | python-prose | python-docstrings | c-code | man-pages | DIR | GLOB | FILE | hf:<dataset>[:<config>][:<split>]"),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Stop once the train split has this many tokens."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Use this tokenizer.json (default: train one on the train split)."),
     vocab_size: int = typer.Option(8192, "--vocab-size", help="Vocabulary of a newly trained tokenizer."),
