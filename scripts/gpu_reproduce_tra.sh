@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Reproduce the seed's TRA table with the 87M `paper` compressor on one GPU.
 #
-#   stage 1 (`train`): build a Python-code corpus from the GPU machine's own site-packages
-#     and a Python-docs corpus, both with the carried 32768-token tokenizer, then train
+#   stage 1 (`train`): build a Python-code corpus from the GPU machine's own site-packages,
+#     a Python-docs corpus and the same docs without code (python-prose), all with the
+#     carried 32768-token tokenizer, then train
 #     the `paper` preset (bf16 autocast, torch.compile, fused AdamW) under a wall budget.
-#   stage 2 (`eval`): TRA on held-out documents of code (in-domain), docs (semi-OOD) and
-#     random tokens (full-OOD); latent UMAP / t-SNE plots.
+#   stage 2 (`eval`): TRA on held-out documents of code (in-domain), docs and prose
+#     (semi-OOD) and random tokens (full-OOD); latent UMAP / t-SNE plots.
 #
 # Usage: bash scripts/gpu_reproduce_tra.sh train|eval|all
 #   env: TOKENIZER (tokenizer.json, vocab 32768), STEPS, BATCH, LR, MAX_TOKENS,
@@ -39,11 +40,14 @@ if [[ $stage == train || $stage == all ]]; then
     --tokenizer "$TOKENIZER" --max-tokens "$MAX_TOKENS"
   [[ -d $CIR_HOME/datasets/gpu-docs ]] || route-cli data build gpu-docs --source python-docs \
     --tokenizer "$TOKENIZER" --max-tokens 5000000
+  [[ -d $CIR_HOME/datasets/gpu-prose ]] || route-cli data build gpu-prose --source python-prose \
+    --tokenizer "$TOKENIZER" --max-tokens 5000000
   echo "data built in $((SECONDS - t_data))s"
   if [[ -n ${DEADLINE_S:-} ]]; then WALL_S=$((DEADLINE_S - SECONDS - EVAL_RESERVE_S)); fi
   echo "training for at most ${WALL_S}s"
-  route-cli data info gpu-code --json > "$OUT/data_code.json"
-  route-cli data info gpu-docs --json > "$OUT/data_docs.json"
+  for d in code docs prose; do route-cli data info gpu-$d --json > /tmp/data_$d.json; done
+  python3 -c 'import json, sys; print(json.dumps({n: json.load(open(f"/tmp/data_{n}.json"))
+    for n in sys.argv[1:]}, indent=1))' code docs prose > "$OUT/data.json"
   STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK SCHEDULE=$SCHEDULE DECAY_STEPS=$DECAY_STEPS \
     python3 -P - <<'PY'
 import json, os, time
@@ -71,17 +75,17 @@ print(json.dumps({"steps": res.step, "stopped_early": res.stopped_early, "wall_s
 PY
   cp "$CK/metrics.jsonl" "$OUT/metrics.jsonl"
   if [[ $stage == train ]]; then  # the table now, in case the machine is gone before `eval`
-    route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data random --split test \
-      --device cuda --batch-size 128 --max-chunks 2000 --json > "$OUT/tra_quick.json" || true
+    route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
+      --split test --device cuda --batch-size 128 --max-chunks 2000 --json > "$OUT/tra_quick.json" || true
   fi
 fi
 
 if [[ $stage == eval || $stage == all ]]; then
   t_eval=$SECONDS
-  route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data random --split test \
-    --device cuda --batch-size 128 --json > "$OUT/tra.json"
+  route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
+    --split test --device cuda --batch-size 128 --json > "$OUT/tra.json"
   echo "TRA table in $((SECONDS - t_eval))s"
-  route-cli analyze plot --compressor "$CK" --data gpu-code --data gpu-docs --data random \
+  route-cli analyze plot --compressor "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
     --method pca --method umap --method tsne --max-chunks 400 --out /tmp/plots --json > "$OUT/latents.json"
   ls /tmp/plots
   cp /tmp/plots/*umap*.png /tmp/plots/*tsne*.png "$OUT/" 2>/dev/null || true
