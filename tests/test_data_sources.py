@@ -236,6 +236,14 @@ def test_python_docstrings(monkeypatch, tmp_path):
     assert stats.counts["filtered"] == 2
 
 
+def _package_docs(monkeypatch, lib, topics: dict, source: str) -> tuple[dict, SkipStats]:
+    """Documents of a docs ``source`` over a fake site-packages ``lib`` and pydoc ``topics``."""
+    monkeypatch.setattr(sources, "python_roots", lambda: [("site-packages", lib)])
+    monkeypatch.setattr(sources, "pydoc_topics", lambda: topics)
+    stats = SkipStats()
+    return {d.id: d.text for d in iter_documents(source, stats)}, stats
+
+
 def test_python_docs_package_files(monkeypatch, tmp_path):
     lib = tmp_path / "lib"
     _write(lib / "pkg" / "README.md", "# Title\n\nSome words about the package.\n")
@@ -244,10 +252,7 @@ def test_python_docs_package_files(monkeypatch, tmp_path):
     _write(lib / "pkg-1.0.dist-info" / "top_level.txt", "pkg\n")
     _write(lib / "pkg" / "data" / "table.txt", "1.0 2.0 3.0\n4.5 6.7 8.9\n")
     _write(lib / "pkg" / "tests" / "data" / "mail.txt", "From: a@b.c\n\nhello\n")
-    monkeypatch.setattr(sources, "python_roots", lambda: [("site-packages", lib)])
-    monkeypatch.setattr(sources, "pydoc_topics", lambda: {"if": "The if statement."})
-    stats = SkipStats()
-    docs = {d.id: d.text for d in iter_documents("python-docs", stats)}
+    docs, stats = _package_docs(monkeypatch, lib, {"if": "The if statement."}, "python-docs")
     assert docs == {
         "python-docs:pydoc/if": "The if statement.",
         "python-docs:site-packages/pkg/README.md": "# Title\n\nSome words about the package.\n",
@@ -275,10 +280,8 @@ def test_python_prose_source(monkeypatch, tmp_path):
     lib = tmp_path / "lib"
     _write(lib / "pkg" / "README.md", "# Pkg\n\nUse it like this:\n\n```\npkg.run()\n```\n\nThat is all.\n")
     _write(lib / "pkg" / "CODE.md", "```\nonly_code()\n```\n")
-    monkeypatch.setattr(sources, "python_roots", lambda: [("site-packages", lib)])
-    monkeypatch.setattr(sources, "pydoc_topics", lambda: {"if": "The if statement:\n\n   if x: y\n"})
-    stats = SkipStats()
-    docs = {d.id: d.text for d in iter_documents("python-prose", stats)}
+    docs, stats = _package_docs(monkeypatch, lib, {"if": "The if statement:\n\n   if x: y\n"},
+                                "python-prose")
     assert docs == {
         "python-prose:pydoc/if": "The if statement:\n",
         "python-prose:site-packages/pkg/README.md": "# Pkg\n\nUse it like this:\n\nThat is all.\n",
