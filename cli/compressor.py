@@ -99,6 +99,10 @@ def eval_cmd(
     data: list[str] = typer.Option(..., "--data", help="Dataset name or directory; repeat. "
                                    "The first is in-domain; `random` is uniform tokens."),
     split: str = typer.Option("test", help="Split of every dataset: train | val | test."),
+    ood_split: str | None = typer.Option(
+        None, help="Split of the datasets after the first: train | val | test | all (every "
+        "chunk: fair for a corpus the compressor never trained on; `random` keeps its test "
+        "draw). Default: --split."),
     max_chunks: int | None = typer.Option(None, help="Chunks per dataset (evenly spread)."),
     batch_size: int | None = typer.Option(None, help="Chunks per scoring pass."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
@@ -116,6 +120,9 @@ def eval_cmd(
 
     Example: route-cli compressor eval runs/cmp --data python-code --data python-docs
     --data random --max-chunks 200
+
+    Every chunk of the corpora the compressor never trained on: route-cli compressor eval
+    runs/cmp --data python-code --data python-prose --data random --ood-split all
     """
     from cir.compressor.evaluate import (
         auroc_table,
@@ -131,7 +138,17 @@ def eval_cmd(
     model = load_checkpoint(ckpt, device=device)
     if getattr(model, "kind", None) != "compressor":
         fail(f"{ckpt}: a {getattr(model, 'kind', '?')} checkpoint, not a compressor")
-    datasets = {name: _open_eval_data(name, split, model) for name in data}
+    if split == "all":
+        fail("--split all would score the in-domain training chunks; use --ood-split all")
+    other = split if ood_split is None else ood_split
+
+    def split_of(i: int, name: str) -> str:
+        if i == 0:
+            return split
+        return "test" if name == "random" and other == "all" else other
+
+    datasets = {name: _open_eval_data(name, split_of(i, name), model)
+                for i, name in enumerate(data)}
     total = sum(min(len(d), max_chunks or len(d)) for d in datasets.values())
     with progress(disable=as_json or markdown) as bar:
         task = bar.add_task("score", total=total, info="")
@@ -148,7 +165,7 @@ def eval_cmd(
             base = unigram_auroc_table(rows, datasets, train_split, model.config.vocab_size,
                                        max_chunks)
     if as_json:
-        print_json({"checkpoint": str(ckpt), "split": split,
+        print_json({"checkpoint": str(ckpt), "split": split, "ood_split": other,
                     "rows": [r.to_dict() for r in rows], "auroc_vs_first": aurocs,
                     "unigram_auroc_vs_first": base})
     elif markdown:

@@ -354,6 +354,43 @@ class ChunkDataset:
         return ids, mask
 
 
+class AllSplits:
+    """Every chunk of a built dataset, train then val then test, as one dataset (split
+    ``"all"``): for scoring a corpus a model never trained on, where every chunk is fair."""
+
+    split = "all"
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.parts = [ChunkDataset(root, s) for s in SPLITS]
+        first = self.parts[0]
+        self.root, self.manifest = first.root, first.manifest
+        self.seq_len, self.vocab_size = first.seq_len, first.vocab_size
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # [len(SPLITS) + 1]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / "tokenizer.json"
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __repr__(self) -> str:
+        return f"AllSplits({str(self.root)!r}, chunks={len(self)}, seq_len={self.seq_len})"
+
+    def get_batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"chunk index out of range for {len(self)} chunks")
+        part = np.searchsorted(self.offsets, idx, side="right") - 1  # [B] which split
+        ids = torch.zeros(len(idx), self.seq_len, dtype=torch.long)  # [B, T]
+        mask = torch.zeros(len(idx), self.seq_len, dtype=torch.bool)  # [B, T]
+        for p, ds in enumerate(self.parts):
+            sel = np.nonzero(part == p)[0]
+            if len(sel):
+                ids[sel], mask[sel] = ds.get_batch(idx[sel] - self.offsets[p])
+        return ids, mask
+
+
 class RandomChunks:
     """Uniform random token ids in ``[2, vocab_size)`` (no pad/eos): the full-OOD set."""
 
@@ -397,12 +434,17 @@ def resolve_dataset(name_or_path: str | os.PathLike) -> Path:
     )
 
 
-def open_dataset(name_or_path: str | os.PathLike, split: str = "train", **random_kwargs: Any) -> ChunkDataset | RandomChunks:
-    """Open one split of a dataset by name or path; ``"random"`` takes seq_len, vocab_size, n_chunks, seed."""
+def open_dataset(
+    name_or_path: str | os.PathLike, split: str = "train", **random_kwargs: Any
+) -> ChunkDataset | AllSplits | RandomChunks:
+    """Open one split of a dataset by name or path, or ``"all"`` of them (``AllSplits``);
+    ``"random"`` takes seq_len, vocab_size, n_chunks, seed (and has no ``"all"``)."""
     if str(name_or_path) == "random":
         return RandomChunks(split, **random_kwargs)
     if random_kwargs:
         raise TypeError(f"options {sorted(random_kwargs)} apply only to the 'random' dataset")
+    if split == "all":
+        return AllSplits(resolve_dataset(name_or_path))
     return ChunkDataset(resolve_dataset(name_or_path), split)
 
 

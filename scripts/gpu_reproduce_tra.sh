@@ -82,8 +82,9 @@ fi
 
 if [[ $stage == eval || $stage == all ]]; then
   t_eval=$SECONDS
+  # held-out code documents; every chunk of docs and prose (never trained on)
   route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
-    --split test --device cuda --batch-size 128 --json > "$OUT/tra.json"
+    --split test --ood-split all --device cuda --batch-size 128 --json > "$OUT/tra.json"
   echo "TRA table in $((SECONDS - t_eval))s"
   route-cli analyze plot --compressor "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
     --method pca --method umap --method tsne --max-chunks 400 --out /tmp/plots --json > "$OUT/latents.json"

@@ -86,6 +86,30 @@ def test_cli_eval_markdown(tiny_dataset, tmp_path):
     assert bad.exit_code != 0 and "--precision must be auto, fp32 or bf16" in bad.output
 
 
+def test_cli_eval_ood_split_all(tiny_dataset, tiny_prose_dataset, tmp_path):
+    """--ood-split all scores every chunk of the corpora after the first; the in-domain one
+    keeps --split, `random` its test draw, and --split all is refused."""
+    from cir.compressor.model import Compressor, CompressorConfig
+    from cir.data.shards import open_dataset
+
+    from cir.checkpoint import save_checkpoint
+
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    save_checkpoint(tmp_path / "m", Compressor(CompressorConfig.from_name(
+        "debug", vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"])))
+    ev = _invoke("compressor", "eval", str(tmp_path / "m"), "--data", str(tiny_dataset),
+                 "--data", str(tiny_prose_dataset), "--data", "random", "--ood-split", "all",
+                 "--json")
+    chunks = {r["name"]: r["chunks"] for r in ev["rows"]}
+    assert chunks[str(tiny_dataset)] == len(open_dataset(tiny_dataset, "test"))
+    assert chunks[str(tiny_prose_dataset)] == len(open_dataset(tiny_prose_dataset, "all")) > len(
+        open_dataset(tiny_prose_dataset, "test"))
+    assert chunks["random"] == 1024 and (ev["split"], ev["ood_split"]) == ("test", "all")
+    bad = CliRunner().invoke(app, ["compressor", "eval", str(tmp_path / "m"), "--data",
+                                   str(tiny_dataset), "--split", "all"])
+    assert bad.exit_code != 0 and "--ood-split all" in bad.output
+
+
 def test_cli_train_wsd_schedule(tiny_dataset, tmp_path):
     out = tmp_path / "wsd"
     _invoke("compressor", "train", "--data", str(tiny_dataset), "--out", str(out), "--preset",

@@ -239,3 +239,18 @@ def test_piecewise_encoding_equals_one_call(tok, tiny_corpus, tiny_tokenizer, tm
     split = split_of("file:long.txt")
     ds = open_dataset(tmp_path / "ds", split)
     assert np.asarray(ds.ids).reshape(-1)[: int(ds.lengths.sum())].tolist() == want
+
+
+def test_all_splits_is_train_val_test_in_order(tiny_dataset):
+    parts = [open_dataset(tiny_dataset, s) for s in SPLITS]
+    every = open_dataset(tiny_dataset, "all")
+    assert len(every) == sum(len(p) for p in parts) > 0
+    assert (every.seq_len, every.vocab_size, every.tokenizer_path) == (
+        parts[0].seq_len, parts[0].vocab_size, parts[0].tokenizer_path)
+    ref_ids = torch.cat([p.get_batch(np.arange(len(p)))[0] for p in parts])  # [N, T]
+    ref_mask = torch.cat([p.get_batch(np.arange(len(p)))[1] for p in parts])
+    order = np.random.default_rng(0).permutation(len(every))  # any order, mixed splits
+    ids, mask = every.get_batch(order)
+    assert torch.equal(ids, ref_ids[order]) and torch.equal(mask, ref_mask[order])
+    with pytest.raises(IndexError, match="out of range"):
+        every.get_batch([len(every)])
