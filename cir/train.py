@@ -70,6 +70,9 @@ class ChunkData(Protocol):
     def get_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 elsewhere
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -108,7 +111,7 @@ class TrainConfig:
                 self.log_every > 0 and self.eval_every > 0 and self.ckpt_every > 0,
                 "log_every, eval_every and ckpt_every must be > 0",
             ),
-            (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
+            (self.precision in PRECISIONS, "precision must be auto, fp32 or bf16"),
             (self.schedule in ("cosine", "wsd"), "schedule must be cosine or wsd"),
             (0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]"),
         ]
@@ -187,7 +190,7 @@ def resolve_device(name: str) -> torch.device:
 
 def autocast_for(device: torch.device, precision: str):
     """The autocast context of ``precision``: auto is bf16 on CUDA and fp32 elsewhere."""
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if use_bf16:

@@ -84,11 +84,11 @@ def train_cmd(
 def _open_eval_data(name: str, split: str, model: Any) -> Any:
     from cir.compressor.train import open_split
 
-    if name == "random":
+    if name == "random":  # one draw per split; "all" (of a real corpus) is its test draw
         from cir.data.shards import open_dataset
 
-        return open_dataset("random", split, vocab_size=model.config.vocab_size,
-                            seq_len=model.config.seq_len)
+        return open_dataset("random", "test" if split == "all" else split,
+                            vocab_size=model.config.vocab_size, seq_len=model.config.seq_len)
     return open_split(name, split)
 
 
@@ -132,22 +132,17 @@ def eval_cmd(
     )
 
     from cir.checkpoint import load_checkpoint
+    from cir.train import PRECISIONS
 
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in PRECISIONS:
         fail(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if split == "all":
+        fail("--split all would score the in-domain training chunks; use --ood-split all")
     model = load_checkpoint(ckpt, device=device)
     if getattr(model, "kind", None) != "compressor":
         fail(f"{ckpt}: a {getattr(model, 'kind', '?')} checkpoint, not a compressor")
-    if split == "all":
-        fail("--split all would score the in-domain training chunks; use --ood-split all")
     other = split if ood_split is None else ood_split
-
-    def split_of(i: int, name: str) -> str:
-        if i == 0:
-            return split
-        return "test" if name == "random" and other == "all" else other
-
-    datasets = {name: _open_eval_data(name, split_of(i, name), model)
+    datasets = {name: _open_eval_data(name, other if i else split, model)
                 for i, name in enumerate(data)}
     total = sum(min(len(d), max_chunks or len(d)) for d in datasets.values())
     with progress(disable=as_json or markdown) as bar:

@@ -53,8 +53,7 @@ def encode_many(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     parts: list[list[np.ndarray]] = [[] for _ in texts]
     for i, enc in zip(owner, tokenizer.encode_batch(pieces, add_special_tokens=False), strict=True):
         parts[i].append(np.asarray(enc.ids, dtype=np.int64))
-    return [np.concatenate(p) if len(p) > 1 else p[0] if p else np.zeros(0, np.int64)
-            for p in parts]
+    return [np.concatenate(p) if len(p) > 1 else p[0] for p in parts]  # >= 1 piece each
 
 
 def chunk_text(text: str, tokenizer: Tokenizer, seq_len: int = DEFAULT_SEQ_LEN) -> tuple[np.ndarray, np.ndarray]:

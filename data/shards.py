@@ -369,7 +369,7 @@ class AllSplits:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.root / "tokenizer.json"
+        return self.parts[0].tokenizer_path
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
