@@ -142,16 +142,23 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     if not weights.is_file():
         raise CheckpointError(f"{directory}: missing {WEIGHTS_FILE}")
     model = model_class(kind)(config)
+    load_weights(model, weights)
+    return model.to(device).eval()
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a safetensors file into ``model`` strictly: every tensor present, none extra,
+    shapes equal. Dtypes may differ (bf16 weights load into an fp32 model)."""
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
+        missing, unexpected = load_model(unwrap(model), str(path), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{weights}: cannot load weights ({exc})") from None
+        reason = " ".join(str(exc).split())  # one line: torch's errors span several
+        raise CheckpointError(f"{path}: cannot load weights ({reason})") from None
     if missing or unexpected:
         raise CheckpointError(
-            f"{weights}: weights do not match the config (missing {sorted(missing)[:5]}, "
+            f"{path}: weights do not match the config (missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]})"
         )
-    return model.to(device).eval()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -6,6 +6,10 @@ every K. Everything that decides the result is a pure function of the step: the 
 at any point and re-run with the same command resumes from its last checkpoint and ends
 bit-identical (on CPU) to an uninterrupted run.
 
+A run can also continue from another run's weights alone (``init_from``: the optimizer
+state is 4x the weights and may not travel): it starts at the step saved with the weights,
+with a fresh AdamW and the learning rate re-warmed (``lr_at(..., warm_start=)``).
+
 Multi-GPU: launch the same script under ``torchrun``; each rank takes its slice of the
 global batch and DDP averages the gradients (gloo on CPU, NCCL on CUDA).
 
@@ -38,6 +42,7 @@ from cir.checkpoint import (
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     CheckpointError,
+    load_weights,
     read_config,
     save_weights,
     unwrap,
@@ -134,10 +139,22 @@ class TrainResult:
     wall_s: float = 0.0
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, warm_start: int | None = None) -> float:
     """Linear warmup to ``lr``, then down to ``lr * min_lr_ratio`` at ``steps``: a cosine
     over all remaining steps (``cosine``), or constant and then linear over the last
-    ``decay_frac`` of the steps (``wsd``, warmup-stable-decay)."""
+    ``decay_frac`` of the steps (``wsd``, warmup-stable-decay).
+
+    ``warm_start``: the step a run restarted at with a fresh optimizer; from there the
+    schedule is scaled by a second linear warmup over ``warmup_steps`` (a fresh AdamW's
+    first updates are about +-lr in every weight, its second moment being one gradient's:
+    too big a kick for trained weights at a post-warmup lr)."""
+    lr = _schedule(step, cfg)
+    if warm_start is not None and cfg.warmup_steps > 0 and step >= warm_start:
+        lr *= min(1.0, (step - warm_start + 1) / cfg.warmup_steps)
+    return lr
+
+
+def _schedule(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     floor = cfg.lr * cfg.min_lr_ratio
@@ -216,12 +233,18 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 
 
 def _save(
-    out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig
+    out_dir: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    cfg: TrainConfig,
+    warm_start: int | None,
 ) -> None:
     """Write weights then state, each atomically; both carry the step so a kill between
     the two renames is detected and repaired by ``_consistent_step``."""
     state = {
         "step": step,
+        "warm_start": warm_start,  # the re-warmed schedule must survive a resume
         "optimizer": opt.state_dict(),
         "train_config": json.dumps(cfg.to_dict()),
         "torch_rng": torch.get_rng_state(),
@@ -280,18 +303,36 @@ def _check_resumable(
         )
 
 
-def _resume(out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig) -> int:
+def _resume(
+    out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig
+) -> tuple[int, int | None] | None:
+    """``(step, warm_start)`` of the checkpoint in ``out_dir``, restored into the model and
+    the optimizer; None when there is none."""
     step = _consistent_step(out_dir)
     if step is None:
-        return 0
+        return None
     state = _load_state(out_dir / STATE_FILE)
     _check_resumable(out_dir, model, json.loads(state["train_config"]), cfg)
-    from safetensors.torch import load_model
-
-    load_model(unwrap(model), str(out_dir / WEIGHTS_FILE), strict=True)
+    load_weights(model, out_dir / WEIGHTS_FILE)
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
-    return step
+    return step, state.get("warm_start")  # absent in runs saved before warm starts
+
+
+def _init_weights(init_from: str | Path, model: nn.Module, cfg: TrainConfig) -> int:
+    """Load the weights of ``init_from`` (a checkpoint directory or a ``.safetensors``
+    file) into ``model``; return the step they were saved at (0 when they do not say)."""
+    path = Path(init_from)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if path.is_dir() and read_config(path)[1] != unwrap(model).config:
+        raise CheckpointError(f"{path}: a different model config than this run's")
+    step = weights_metadata(weights).get("step", "0")
+    if not step.isdigit():
+        raise CheckpointError(f"{weights}: metadata step {step!r} is not a step number")
+    if int(step) >= cfg.steps:
+        raise ValueError(f"{path} is at step {step}: nothing to train up to steps={cfg.steps}")
+    load_weights(model, weights)
+    return int(step)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -341,12 +382,18 @@ def train(
     tokenizer: str | Path | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     stop_at: int | None = None,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train ``model`` with ``loss_fn(model, ids, mask) -> (loss, metrics)``.
 
     ``loss_fn`` must use the model only through ``model(...)`` (it may be DDP-wrapped or
     compiled). Re-running with the same arguments resumes from ``out_dir``. ``stop_at``
     ends the run early after that step (as an interruption would), checkpoint included.
+
+    ``init_from`` (a checkpoint directory or a ``.safetensors`` file): start from those
+    weights, at the step saved with them (``resumed_from``), with a fresh optimizer and the
+    learning rate re-warmed over ``warmup_steps``. It is ignored once ``out_dir`` holds a
+    checkpoint: re-running then resumes that (warm-started) run as usual.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -363,7 +410,12 @@ def train(
         _prepare_out_dir(out_dir, model, tokenizer)
     if ddp.world > 1:
         dist.barrier()
-    start = _resume(out_dir, model, opt, cfg)
+    resumed = _resume(out_dir, model, opt, cfg)
+    warm = resumed is None and init_from is not None  # out_dir's own checkpoint wins
+    if warm:
+        s0 = _init_weights(init_from, model, cfg)
+        resumed = (s0, s0)
+    start, warm_start = resumed or (0, None)
     net: nn.Module = model
     if ddp.world > 1:
         net = DistributedDataParallel(
@@ -379,11 +431,13 @@ def train(
         else:  # the loss too: its float logits and softmax fuse with the LM head
             forward = torch.compile(forward)
     log = _Logger(out_dir / METRICS_FILE, ddp, on_log, cfg, model, device)
+    if warm:  # where the optimizer restarted, for whoever reads the curves
+        log.event({"event": "warm_start", "step": start, "init_from": str(init_from)})
     result = TrainResult(out_dir=out_dir, step=start, resumed_from=start)
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     per_rank = cfg.batch_size // ddp.world
     for step in range(start, end):
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg, warm_start)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = batch_indices(cfg.seed, step, cfg.batch_size, len(train_data))
@@ -409,7 +463,7 @@ def train(
             result.last_eval = log.eval(done, evaluate(model, loss_fn, val_data, cfg, device))
         if done % cfg.ckpt_every == 0 or done == end:
             if ddp.main:
-                _save(out_dir, model, opt, done, cfg)
+                _save(out_dir, model, opt, done, cfg, warm_start)
                 log.event({"event": "checkpoint", "step": done})
             if ddp.world > 1:
                 dist.barrier()

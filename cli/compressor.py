@@ -43,11 +43,19 @@ def train_cmd(
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     set_: list[str] = typer.Option([], "--set", help="Model config override key=value."),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="Continue from a checkpoint's weights (directory or "
+        ".safetensors file) with a fresh optimizer, the learning rate re-warmed over the "
+        "warmup steps; ignored when --out already holds a checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train a compressor on a chunk dataset; re-running the same command resumes.
 
     Example: route-cli compressor train --data python-code --out runs/cmp --preset small
+
+    Continue another machine's run from its weights alone (scripts/weight_parts.py join):
+    route-cli compressor train --data python-code --out runs/cmp2 --preset paper
+    --init-from runs/cmp-joined
     """
     from cir.compressor.train import default_train_config, train_compressor
 
@@ -63,7 +71,8 @@ def train_cmd(
                 bar.update(task, completed=rec["step"], info=_train_info(rec))
 
         result = train_compressor(data, out, preset=preset, train_cfg=cfg,
-                                  overrides=parse_overrides(set_), on_log=on_log)
+                                  overrides=parse_overrides(set_), on_log=on_log,
+                                  init_from=init_from)
     payload = {"out_dir": str(result.out_dir), "step": result.step,
                "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
                "last": result.last,

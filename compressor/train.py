@@ -107,12 +107,14 @@ def train_compressor(
     val_data: Any = None,
     stop_at: int | None = None,
     loss_fraction: float | None = None,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train a ``preset`` compressor on ``data`` (dataset name, directory or opened
     ``ChunkDataset``); validation on its ``val`` split when there is one. ``stop_at``
     ends early after that step, checkpoint included (as a kill would). ``loss_fraction``
     takes the training loss on that share of positions (default: the preset's); keep it
-    the same when resuming."""
+    the same when resuming. ``init_from``: continue from a checkpoint's weights with a
+    fresh optimizer (``cir.train.train``; ignored once ``out_dir`` holds a checkpoint)."""
     train_data = open_split(data, "train")
     cfg = train_cfg or default_train_config(preset)
     torch_seed_model(cfg.seed)
@@ -128,6 +130,7 @@ def train_compressor(
         tokenizer=tokenizer or tokenizer_path(train_data),
         on_log=on_log,
         stop_at=stop_at,
+        init_from=init_from,
     )
 
 

@@ -10,6 +10,7 @@ from cir.compressor.train import default_train_config, train_compressor
 from typer.testing import CliRunner
 
 from cir.checkpoint import load_checkpoint
+from cir.train import lr_at
 
 
 def test_train_on_tiny_dataset(tiny_dataset, tmp_path):
@@ -122,3 +123,23 @@ def test_cli_train_wsd_schedule(tiny_dataset, tmp_path):
                                    str(tmp_path / "bad"), "--preset", "debug", "--schedule",
                                    "step"])
     assert bad.exit_code != 0 and "schedule must be cosine or wsd" in bad.output
+
+
+def test_cli_train_init_from(tiny_dataset, tmp_path):
+    """--init-from: the weights of another run, its step, a fresh optimizer, re-warmed lr."""
+    help_text = CliRunner().invoke(app, ["compressor", "train", "--help"]).output
+    assert "--init-from" in help_text and "re-warmed" in help_text
+    common = ["compressor", "train", "--data", str(tiny_dataset), "--preset", "debug",
+              "--device", "cpu", "--json"]
+    _invoke(*common, "--out", str(tmp_path / "src"), "--steps", "10")
+    res = _invoke(*common, "--out", str(tmp_path / "dst"), "--steps", "14",
+                  "--init-from", str(tmp_path / "src"))
+    assert res["resumed_from"] == 10 and res["step"] == 14
+    logs = [json.loads(line) for line in (tmp_path / "dst" / "metrics.jsonl").read_text().splitlines()]
+    assert (logs[0]["event"], logs[0]["step"]) == ("warm_start", 10)
+    last = next(r for r in logs if r["event"] == "train")
+    cfg = default_train_config("debug", steps=14)
+    assert last["step"] == 14 and last["lr"] == lr_at(13, cfg) * 4 / 5  # warmup_steps 5
+    bad = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "bad"), "--steps", "14",
+                                   "--init-from", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and "nope" in bad.output

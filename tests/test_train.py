@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from _toy import ArrayChunks, Toy, ToyConfig, toy_loss
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model
 
 from cir import checkpoint
-from cir.train import STATE_FILE, TrainConfig, batch_indices, lr_at, train
+from cir.train import STATE_FILE, TrainConfig, batch_indices, lr_at, make_optimizer, train
 
 checkpoint.MODEL_KINDS.setdefault("toy", "_toy:Toy")
 
@@ -72,6 +74,7 @@ def test_resume_of_a_run_saved_before_a_setting_existed(tmp_path):
     old = json.loads(state["train_config"])
     del old["schedule"], old["decay_frac"]  # as written before the schedule choice
     state["train_config"] = json.dumps(old)
+    del state["warm_start"]  # and before warm starts
     torch.save(state, tmp_path / STATE_FILE)
     with pytest.raises(checkpoint.CheckpointError, match="schedule"):
         train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(schedule="wsd"))
@@ -187,3 +190,99 @@ def test_wall_time_budget_stops_with_a_checkpoint(tmp_path):
     assert res.stopped_early and res.step == 2  # checked at the first log step
     again = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(steps=10_000, max_wall_s=1e-9))
     assert again.resumed_from == 2 and again.step == 4
+
+
+def test_lr_rewarms_after_a_warm_start():
+    wsd = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd")
+    assert lr_at(40, wsd, warm_start=40) == pytest.approx(0.1)  # 1/10 of the constant 1.0
+    assert lr_at(45, wsd, warm_start=40) == pytest.approx(0.6)  # (45 - 40 + 1) / 10
+    assert lr_at(49, wsd, warm_start=40) == pytest.approx(1.0)
+    assert all(lr_at(s, wsd, warm_start=40) == lr_at(s, wsd) for s in range(49, 101))
+    cosine = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(55, cosine, warm_start=50) == pytest.approx(0.6 * 0.55)  # on the cosine
+    assert lr_at(55, cosine, warm_start=None) == pytest.approx(0.55)
+    no_warmup = TrainConfig(steps=100, lr=1.0, warmup_steps=0)
+    assert lr_at(40, no_warmup, warm_start=40) == lr_at(40, no_warmup) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.4)))
+
+
+def _reference_warm_start(src: Path, cfg: TrainConfig, s0: int) -> dict[str, torch.Tensor]:
+    """A warm-started run written out by hand: the saved weights, a fresh AdamW, the
+    schedule scaled by (step - s0 + 1) / warmup_steps, the batches of steps s0, s0 + 1, ..."""
+    model = Toy(ToyConfig())
+    load_model(model, str(src / "model.safetensors"))
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    data = ArrayChunks()
+    for step in range(s0, cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg) * min(1.0, (step - s0 + 1) / cfg.warmup_steps)
+        ids, mask = data.get_batch(batch_indices(cfg.seed, step, cfg.batch_size, len(data)))
+        toy_loss(model, ids, mask)[0].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.state_dict()
+
+
+@pytest.fixture
+def source_run(tmp_path) -> Path:
+    """A run at step 6, its optimizer state beside it (a warm start must not use it)."""
+    torch.manual_seed(0)
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "src", _cfg(steps=6))
+    return tmp_path / "src"
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_warm_start_equals_a_hand_written_reference(source_run, tmp_path, weights_only):
+    init_from = source_run / "model.safetensors" if weights_only else source_run
+    records: list[dict] = []
+    torch.manual_seed(123)  # other initial weights: the saved ones must replace them
+    res = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "w", _cfg(),
+                init_from=init_from, on_log=records.append)
+    assert res.resumed_from == 6 and res.step == 12
+    assert records[0] == {**records[0], "event": "warm_start", "step": 6,
+                          "init_from": str(init_from)}
+    first = next(r for r in records if r["event"] == "train")
+    assert first["step"] == 8 and first["lr"] == lr_at(7, _cfg()) * 2 / 3  # step 7 of 6..8
+    ref = _reference_warm_start(source_run, _cfg(), 6)
+    got = _weights(tmp_path / "w")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_warm_started_run_resumes_bit_identically(source_run, tmp_path):
+    torch.manual_seed(0)
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "full", _cfg(),
+          init_from=source_run)
+    part = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "part", _cfg(),
+                 init_from=source_run, stop_at=7)  # killed inside the re-warm (steps 6..8)
+    assert part.step == 7
+    torch.manual_seed(123)
+    again = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "part", _cfg(),
+                  init_from=source_run)  # out_dir's checkpoint wins over init_from
+    assert again.resumed_from == 7 and again.step == 12
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    events = [json.loads(line)["event"] for line in
+              (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("warm_start") == 1
+
+
+def test_warm_start_refuses_what_it_cannot_load(source_run, tmp_path):
+    def run(init_from: Path, **kw) -> None:
+        train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "w", _cfg(**kw),
+              init_from=init_from)
+
+    other = checkpoint.save_checkpoint(tmp_path / "other", Toy(ToyConfig(d_model=8)))
+    with pytest.raises(checkpoint.CheckpointError, match="different model config"):
+        run(other)
+    with pytest.raises(checkpoint.CheckpointError, match="size mismatch") as err:
+        run(other / "model.safetensors")  # a bare file: no config, the shapes differ
+    assert "\n" not in str(err.value) and str(other) in str(err.value)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    for path in (bad, tmp_path / "missing.safetensors"):
+        with pytest.raises(checkpoint.CheckpointError, match=re.escape(str(path))):
+            run(path)
+    with pytest.raises(ValueError, match="at step 6: nothing to train"):
+        run(source_run, steps=6)
+    assert not (tmp_path / "w" / "model.safetensors").exists()
