@@ -8,7 +8,7 @@
 #   stage 2 (`eval`): TRA on held-out documents of code (in-domain), docs and prose
 #     (semi-OOD) and random tokens (full-OOD); latent UMAP / t-SNE plots.
 #
-# Usage: bash scripts/gpu_reproduce_tra.sh train|eval|all
+# Usage: bash scripts/gpu_reproduce_tra.sh data|train|eval|all
 #   env: TOKENIZER (tokenizer.json, vocab 32768), STEPS, BATCH, LR, MAX_TOKENS,
 #   SCHEDULE (wsd: warmup, constant lr, linear decay at the end; or cosine), and the
 #   training time: WALL_S seconds of training, or DEADLINE_S (seconds from the start of
@@ -17,7 +17,12 @@
 #   last checkpoint (the GPU machine keeps /tmp between back-to-back calls), so a long run
 #   can span calls. With SCHEDULE=wsd the constant phase does not depend on STEPS: run
 #   with a large STEPS, then finish with DECAY_STEPS=n (the run ends n steps after the
-#   step it resumes from, decaying linearly over those n steps).
+#   step it resumes from, decaying linearly over those n steps; CONSTANT_STEPS=m first adds
+#   m steps at the constant rate).
+#   A run continues on another machine from its weights alone: `python3
+#   scripts/weight_parts.py split` packs a checkpoint into compressed bf16 parts (<= 16 MB
+#   each) that travel in pieces; INIT_FROM=<parts or checkpoint dir> starts `train` from
+#   them with a fresh optimizer, the learning rate re-warmed over the warmup steps.
 set -euo pipefail
 SECONDS=0
 stage=${1:-all}
@@ -34,7 +39,7 @@ EVAL_RESERVE_S=${EVAL_RESERVE_S:-40}
 MAX_TOKENS=${MAX_TOKENS:-80000000}
 export COLUMNS=140
 
-if [[ $stage == train || $stage == all ]]; then
+if [[ $stage == data || $stage == train || $stage == all ]]; then
   t_data=$SECONDS
   [[ -d $CIR_HOME/datasets/gpu-code ]] || route-cli data build gpu-code --source python-code \
     --tokenizer "$TOKENIZER" --max-tokens "$MAX_TOKENS"
@@ -43,22 +48,35 @@ if [[ $stage == train || $stage == all ]]; then
   [[ -d $CIR_HOME/datasets/gpu-prose ]] || route-cli data build gpu-prose --source python-prose \
     --tokenizer "$TOKENIZER" --max-tokens 5000000
   echo "data built in $((SECONDS - t_data))s"
+fi
+
+if [[ $stage == train || $stage == all ]]; then
+  INIT_FROM=${INIT_FROM:-}
+  if [[ -f $INIT_FROM/manifest.json ]]; then  # weight parts: rebuild the checkpoint first
+    python3 scripts/weight_parts.py join "$INIT_FROM" /tmp/init-ckpt
+    INIT_FROM=/tmp/init-ckpt
+  fi
   if [[ -n ${DEADLINE_S:-} ]]; then WALL_S=$((DEADLINE_S - SECONDS - EVAL_RESERVE_S)); fi
   echo "training for at most ${WALL_S}s"
   for d in code docs prose; do route-cli data info gpu-$d --json > /tmp/data_$d.json; done
   python3 -c 'import json, sys; print(json.dumps({n: json.load(open(f"/tmp/data_{n}.json"))
     for n in sys.argv[1:]}, indent=1))' code docs prose > "$OUT/data.json"
   STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK SCHEDULE=$SCHEDULE DECAY_STEPS=$DECAY_STEPS \
-    python3 -P - <<'PY'
+    CONSTANT_STEPS=${CONSTANT_STEPS:-0} INIT_FROM=$INIT_FROM python3 -P - <<'PY'
 import json, os, time
 from pathlib import Path
 import torch
+from cir.checkpoint import WEIGHTS_FILE, weights_metadata
 from cir.compressor.train import default_train_config, train_compressor
 steps, decay_frac, decay = int(os.environ["STEPS"]), 0.2, int(os.environ["DECAY_STEPS"])
-state = Path(os.environ["CK"]) / "train_state.pt"
+state, init = Path(os.environ["CK"]) / "train_state.pt", os.environ["INIT_FROM"] or None
 if decay > 0:  # finish a wsd run: decay over the next `decay` steps from where it stands
-    at = torch.load(state, weights_only=True)["step"] if state.is_file() else 0
-    steps, decay_frac = at + decay, decay / (at + decay)
+    if state.is_file():
+        at = torch.load(state, weights_only=True)["step"]
+    else:
+        at = int(weights_metadata(Path(init) / WEIGHTS_FILE).get("step", 0)) if init else 0
+    steps = at + int(os.environ["CONSTANT_STEPS"]) + decay
+    decay_frac = decay / steps
 cfg = default_train_config(
     "paper", steps=steps, batch_size=int(os.environ["BATCH"]), lr=float(os.environ["LR"]),
     schedule=os.environ["SCHEDULE"], decay_frac=decay_frac,
@@ -69,7 +87,8 @@ t0 = time.time()
 def show(r):
     if r["event"] == "train" and r["step"] % 500 == 0 or r["event"] == "eval":
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
-res = train_compressor("gpu-code", os.environ["CK"], preset="paper", train_cfg=cfg, on_log=show)
+res = train_compressor("gpu-code", os.environ["CK"], preset="paper", train_cfg=cfg, on_log=show,
+                       init_from=init)
 print(json.dumps({"steps": res.step, "stopped_early": res.stopped_early, "wall_s": time.time() - t0,
                   "last": res.last, "last_eval": res.last_eval}))
 PY
