@@ -90,6 +90,7 @@ def table_cmd(
                                    "meta.json does not name the dataset."),
     split: str = typer.Option("test", help="Split of every dataset: train | val | test."),
     max_chunks: int | None = typer.Option(None, help="Chunks per dataset (evenly spread)."),
+    device: str = typer.Option("cpu", help="cpu | cuda (with --compressor)"),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Also write the table as CSV."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
@@ -111,7 +112,7 @@ def table_cmd(
         else:
             if not in_domain:
                 fail("--compressor needs at least one --in-domain dataset")
-            model = _compressor(compressor)
+            model = _compressor(compressor, device)
             sets = _table_datasets(model, in_domain, semi_ood, full_ood, split)
             task = bar.add_task("score", total=sum(min(len(d), max_chunks or len(d))
                                                    for _, d in sets.values()), info="")
@@ -157,6 +158,7 @@ def plot_cmd(
     split: str = typer.Option("test", help="Split of every dataset."),
     max_chunks: int = typer.Option(300, help="Chunks per dataset (evenly spread)."),
     seed: int = typer.Option(0, help="random_state of t-SNE / UMAP and the CV folds."),
+    device: str = typer.Option("cpu", help="cpu | cuda: where the chunks are encoded."),
     out: Path | None = typer.Option(None, "--out", help="Output dir (default "
                                     "$CIR_HOME/plots/latents)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -179,7 +181,7 @@ def plot_cmd(
 
     from cir.paths import cir_home
 
-    model = _compressor(compressor)
+    model = _compressor(compressor, device)
     specs = dict(item.split("=", 1) if "=" in item else (dataset_label(item), item)
                  for item in data)
     sets = {label: open_eval_dataset(spec, split, like=model) for label, spec in specs.items()}

@@ -106,7 +106,7 @@ if [[ $stage == eval || $stage == all ]]; then
     --split test --ood-split all --device cuda --batch-size 128 --json > "$OUT/tra.json"
   echo "TRA table in $((SECONDS - t_eval))s"
   route-cli analyze plot --compressor "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
-    --method pca --method umap --method tsne --max-chunks 400 --out /tmp/plots --json > "$OUT/latents.json"
+    --method pca --method umap --method tsne --max-chunks 400 --device cuda --out /tmp/plots --json > "$OUT/latents.json"
   ls /tmp/plots
   cp /tmp/plots/*umap*.png /tmp/plots/*tsne*.png "$OUT/" 2>/dev/null || true
   echo "eval stage in $((SECONDS - t_eval))s"

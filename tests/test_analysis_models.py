@@ -156,6 +156,21 @@ def test_cli_plot_writes_pngs_and_summary(registry, tiny_dataset, tiny_prose_dat
         assert Path(out["coords"][m]).is_file()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cli_plot_and_table_load_the_compressor_on_the_given_device(registry, tiny_dataset,
+                                                                     tmp_path):
+    ckpt = str(registry / "code" / "compressor")
+    for args in (["analyze", "plot", "--compressor", ckpt, "--data", str(tiny_dataset),
+                  "--data", "random", "--out", str(tmp_path)],
+                 ["analyze", "table", "--compressor", ckpt, "--in-domain", str(tiny_dataset)]):
+        result = runner.invoke(app, [*args, "--max-chunks", "8", "--device", "cuda"])
+        assert result.exit_code != 0
+        assert "cuda" in result.output.lower() and "Traceback" not in result.output
+    table = ["analyze", "table", "--compressor", ckpt, "--in-domain", str(tiny_dataset),
+             "--max-chunks", "8", "--json"]
+    assert _json([*table, "--device", "cpu"])["rows"] == _json(table)["rows"]
+
+
 def test_cli_index_build_and_explain(registry, tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def total_items(total, items=None):\n    return total + items\n" * 8)
