@@ -134,6 +134,17 @@ def weights_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
+def saved_step(path: str | Path) -> int:
+    """The training step weights were saved at (their ``step`` metadata; 0 when they do
+    not say), for a checkpoint directory or a ``.safetensors`` file."""
+    path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    step = weights_metadata(weights).get("step", "0")
+    if not step.isdigit():
+        raise CheckpointError(f"{weights}: metadata step {step!r} is not a step number")
+    return int(step)
+
+
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load a model from its checkpoint directory, strictly, without unpickling anything."""
     directory = Path(directory)

@@ -45,6 +45,7 @@ from cir.checkpoint import (
     load_weights,
     read_config,
     save_weights,
+    saved_step,
     unwrap,
     weights_metadata,
     write_config,
@@ -326,13 +327,11 @@ def _init_weights(init_from: str | Path, model: nn.Module, cfg: TrainConfig) -> 
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if path.is_dir() and read_config(path)[1] != unwrap(model).config:
         raise CheckpointError(f"{path}: a different model config than this run's")
-    step = weights_metadata(weights).get("step", "0")
-    if not step.isdigit():
-        raise CheckpointError(f"{weights}: metadata step {step!r} is not a step number")
-    if int(step) >= cfg.steps:
+    step = saved_step(weights)
+    if step >= cfg.steps:
         raise ValueError(f"{path} is at step {step}: nothing to train up to steps={cfg.steps}")
     load_weights(model, weights)
-    return int(step)
+    return step
 
 
 # --------------------------------------------------------------------------- the loop

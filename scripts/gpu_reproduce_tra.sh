@@ -66,7 +66,7 @@ if [[ $stage == train || $stage == all ]]; then
 import json, os, time
 from pathlib import Path
 import torch
-from cir.checkpoint import WEIGHTS_FILE, weights_metadata
+from cir.checkpoint import saved_step
 from cir.compressor.train import default_train_config, train_compressor
 steps, decay_frac, decay = int(os.environ["STEPS"]), 0.2, int(os.environ["DECAY_STEPS"])
 state, init = Path(os.environ["CK"]) / "train_state.pt", os.environ["INIT_FROM"] or None
@@ -74,7 +74,7 @@ if decay > 0:  # finish a wsd run: decay over the next `decay` steps from where 
     if state.is_file():
         at = torch.load(state, weights_only=True)["step"]
     else:
-        at = int(weights_metadata(Path(init) / WEIGHTS_FILE).get("step", 0)) if init else 0
+        at = saved_step(init) if init else 0
     steps = at + int(os.environ["CONSTANT_STEPS"]) + decay
     decay_frac = decay / steps
 cfg = default_train_config(
