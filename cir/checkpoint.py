@@ -65,7 +65,7 @@ def model_class(kind: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -76,7 +76,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def write_config(directory: Path, model: nn.Module) -> None:
     payload = {"kind": model.kind, "config": config_to_dict(model.config)}
-    _atomic_write_text(Path(directory) / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(Path(directory) / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:

@@ -42,6 +42,7 @@ from cir.checkpoint import (
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     CheckpointError,
+    atomic_write_text,
     load_weights,
     read_config,
     save_weights,
@@ -167,6 +168,44 @@ def _schedule(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+DECAY_PLAN_FILE = "decay_plan.json"
+
+
+def plan_decay(
+    out_dir: str | Path,
+    decay_steps: int,
+    constant_steps: int = 0,
+    init_from: str | Path | None = None,
+) -> tuple[int, float]:
+    """``(steps, decay_frac)`` of a wsd run finished from where it stands: ``constant_steps``
+    more at the constant rate, then a linear decay over ``decay_steps``.
+
+    The run stands at its checkpoint in ``out_dir``, else at the step of ``init_from``'s
+    weights, else at 0. The plan is kept in ``out_dir`` (``decay_plan.json``), so re-running
+    with the same numbers part-way through resumes that decay (worked out again from the
+    resumed step, the decay would start over at the full rate). Other numbers, or a run
+    that has moved past the plan, make a new plan from the current step.
+    """
+    if decay_steps <= 0 or constant_steps < 0:
+        raise ValueError("decay_steps must be > 0 and constant_steps >= 0")
+    out_dir = Path(out_dir)
+    at = _consistent_step(out_dir)
+    if at is None:
+        at = saved_step(init_from) if init_from is not None else 0
+    path = out_dir / DECAY_PLAN_FILE
+    if path.is_file():
+        plan = json.loads(path.read_text())
+        same = (plan.get("decay_steps"), plan.get("constant_steps")) == (decay_steps, constant_steps)
+        if same and plan["from_step"] <= at <= plan["steps"]:
+            return plan["steps"], decay_steps / plan["steps"]
+    steps = at + constant_steps + decay_steps
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = {"from_step": at, "constant_steps": constant_steps, "decay_steps": decay_steps,
+            "steps": steps}
+    atomic_write_text(path, json.dumps(plan, indent=1) + "\n")
+    return steps, decay_steps / steps
 
 
 def batch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:

@@ -47,6 +47,11 @@ def train_cmd(
         None, "--init-from", help="Continue from a checkpoint's weights (directory or "
         ".safetensors file) with a fresh optimizer, the learning rate re-warmed over the "
         "warmup steps; ignored when --out already holds a checkpoint."),
+    decay_steps: int = typer.Option(
+        0, help="Finish a wsd run: decay linearly over this many steps from where --out (or "
+        "--init-from) stands; re-running the same command resumes the decay. Replaces --steps."),
+    constant_steps: int = typer.Option(0, help="With --decay-steps: this many steps at the "
+                                       "constant rate before the decay."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train a compressor on a chunk dataset; re-running the same command resumes.
@@ -56,10 +61,25 @@ def train_cmd(
     Continue another machine's run from its weights alone (scripts/weight_parts.py join):
     route-cli compressor train --data python-code --out runs/cmp2 --preset paper
     --init-from runs/cmp-joined
+
+    A wsd run at a constant rate for as long as it takes, then its decay, each command
+    re-run until it is done:
+    route-cli compressor train --data python-code --out runs/cmp --preset paper --schedule
+    wsd --steps 1000000 --max-minutes 9; then the same with --decay-steps 8000
     """
     from cir.compressor.train import default_train_config, train_compressor
 
+    from cir.train import plan_decay
+
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "schedule": schedule}
+    if decay_steps or constant_steps:
+        if steps is not None or schedule not in (None, "wsd"):
+            fail("--decay-steps finishes a wsd run: it replaces --steps and needs --schedule wsd")
+        if decay_steps <= 0 or constant_steps < 0:
+            fail("--decay-steps must be > 0 (and --constant-steps >= 0)")
+        given["steps"], given["decay_frac"] = plan_decay(out, decay_steps, constant_steps,
+                                                         init_from)
+        given["schedule"] = "wsd"
     cfg = default_train_config(preset, seed=seed, compile=compile_, device=device,
                                max_wall_s=60.0 * max_minutes,
                                **{k: v for k, v in given.items() if v is not None})

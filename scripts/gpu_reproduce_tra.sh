@@ -17,8 +17,9 @@
 #   last checkpoint (the GPU machine keeps /tmp between back-to-back calls), so a long run
 #   can span calls. With SCHEDULE=wsd the constant phase does not depend on STEPS: run
 #   with a large STEPS, then finish with DECAY_STEPS=n (the run ends n steps after the
-#   step it resumes from, decaying linearly over those n steps; CONSTANT_STEPS=m first adds
-#   m steps at the constant rate).
+#   step it stands at, decaying linearly over those n steps; CONSTANT_STEPS=m first adds
+#   m steps at the constant rate). The decay too can span calls: re-run with the same
+#   DECAY_STEPS (and CONSTANT_STEPS) and it goes on with the decay it started.
 #   A run continues on another machine from its weights alone: `python3
 #   scripts/weight_parts.py split` packs a checkpoint into compressed bf16 parts (<= 16 MB
 #   each) that travel in pieces; INIT_FROM=<parts or checkpoint dir> starts `train` from
@@ -64,19 +65,12 @@ if [[ $stage == train || $stage == all ]]; then
   STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK SCHEDULE=$SCHEDULE DECAY_STEPS=$DECAY_STEPS \
     CONSTANT_STEPS=${CONSTANT_STEPS:-0} INIT_FROM=$INIT_FROM python3 -P - <<'PY'
 import json, os, time
-from pathlib import Path
-import torch
-from cir.checkpoint import saved_step
 from cir.compressor.train import default_train_config, train_compressor
+from cir.train import plan_decay
 steps, decay_frac, decay = int(os.environ["STEPS"]), 0.2, int(os.environ["DECAY_STEPS"])
-state, init = Path(os.environ["CK"]) / "train_state.pt", os.environ["INIT_FROM"] or None
-if decay > 0:  # finish a wsd run: decay over the next `decay` steps from where it stands
-    if state.is_file():
-        at = torch.load(state, weights_only=True)["step"]
-    else:
-        at = saved_step(init) if init else 0
-    steps = at + int(os.environ["CONSTANT_STEPS"]) + decay
-    decay_frac = decay / steps
+init = os.environ["INIT_FROM"] or None
+if decay > 0:  # finish a wsd run from where it stands; the same numbers resume the decay
+    steps, decay_frac = plan_decay(os.environ["CK"], decay, int(os.environ["CONSTANT_STEPS"]), init)
 cfg = default_train_config(
     "paper", steps=steps, batch_size=int(os.environ["BATCH"]), lr=float(os.environ["LR"]),
     schedule=os.environ["SCHEDULE"], decay_frac=decay_frac,

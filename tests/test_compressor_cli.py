@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from cir.cli.main import app
 from cir.compressor.train import default_train_config, train_compressor
 from typer.testing import CliRunner
@@ -143,3 +144,25 @@ def test_cli_train_init_from(tiny_dataset, tmp_path):
     bad = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "bad"), "--steps", "14",
                                    "--init-from", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_cli_train_decay_steps_resumes_the_decay(tiny_dataset, tmp_path):
+    """--decay-steps finishes a wsd run from where it stands; re-run, it resumes that decay."""
+    common = ["compressor", "train", "--data", str(tiny_dataset), "--preset", "debug",
+              "--device", "cpu", "--json", "--out", str(tmp_path / "r")]
+    # the wall budget is checked at log steps (every 5 for debug): each call stops at one
+    _invoke(*common, "--steps", "1000", "--schedule", "wsd", "--max-minutes", "1e-9")  # 5
+    first = _invoke(*common, "--decay-steps", "8", "--max-minutes", "1e-9")  # 5 -> 10 of 13
+    again = _invoke(*common, "--decay-steps", "8")
+    assert (first["resumed_from"], first["step"], again["step"]) == (5, 10, 13)
+    logs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in logs if r["event"] == "train"}
+    cfg = default_train_config("debug", steps=13, schedule="wsd", decay_frac=8 / 13)
+    assert lr[5] == cfg.lr and lr[13] == pytest.approx(lr_at(12, cfg))  # one decay, 5 -> 13
+    assert lr[10] == pytest.approx(lr_at(9, cfg)) and lr[13] < lr[10] < cfg.lr
+    for extra, message in ((["--steps", "5"], "replaces --steps"),
+                           (["--schedule", "cosine"], "needs --schedule wsd"),
+                           (["--constant-steps", "3"], "must be > 0")):
+        bad = CliRunner().invoke(app, [*common, "--decay-steps", "0" if extra[0] ==
+                                       "--constant-steps" else "4", *extra])
+        assert bad.exit_code != 0 and message in bad.output

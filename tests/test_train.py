@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,16 @@ from _toy import ArrayChunks, Toy, ToyConfig, toy_loss
 from safetensors.torch import load_file, load_model
 
 from cir import checkpoint
-from cir.train import STATE_FILE, TrainConfig, batch_indices, lr_at, make_optimizer, train
+from cir.train import (
+    DECAY_PLAN_FILE,
+    STATE_FILE,
+    TrainConfig,
+    batch_indices,
+    lr_at,
+    make_optimizer,
+    plan_decay,
+    train,
+)
 
 checkpoint.MODEL_KINDS.setdefault("toy", "_toy:Toy")
 
@@ -66,6 +74,48 @@ def test_wsd_run_lengthened_in_its_constant_phase_equals_a_longer_run(tmp_path):
     assert resumed.resumed_from == 6 and resumed.step == 16
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _wsd_to(out: Path, steps: int, decay_frac: float, stop_at: int | None = None):
+    return train(Toy(ToyConfig()), toy_loss, ArrayChunks(), out,
+                 _cfg(schedule="wsd", steps=steps, decay_frac=decay_frac), stop_at=stop_at)
+
+
+def test_decay_spanning_two_calls_equals_one_decay(tmp_path):
+    """A wsd run held at the constant rate, then finished by `plan_decay`: interrupted in
+    the middle of the decay and re-run with the same numbers, it ends where one call does."""
+    for name in ("a", "b"):
+        torch.manual_seed(0)
+        _wsd_to(tmp_path / name, 1000, 0.2, stop_at=8)  # constant phase, open-ended
+    steps, frac = plan_decay(tmp_path / "a", 6)
+    assert (steps, frac) == (14, 6 / 14)
+    cfg = _cfg(schedule="wsd", steps=steps, decay_frac=frac)
+    assert lr_at(8, cfg) == cfg.lr and lr_at(11, cfg) == pytest.approx(cfg.lr * 0.55)
+    assert lr_at(14, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    assert _wsd_to(tmp_path / "a", steps, frac, stop_at=11).step == 11
+    assert plan_decay(tmp_path / "a", 6) == (14, 6 / 14)  # the same decay, not 11 + 6
+    assert _wsd_to(tmp_path / "a", *plan_decay(tmp_path / "a", 6)).step == 14
+    assert _wsd_to(tmp_path / "b", *plan_decay(tmp_path / "b", 6)).step == 14
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plan = json.loads((tmp_path / "a" / DECAY_PLAN_FILE).read_text())
+    assert plan == {"from_step": 8, "constant_steps": 0, "decay_steps": 6, "steps": 14}
+
+
+def test_decay_plan_other_numbers_start_from_the_current_step(tmp_path):
+    run = tmp_path / "run"
+    _wsd_to(run, 1000, 0.2, stop_at=6)
+    assert plan_decay(tmp_path / "fresh", 5, constant_steps=2) == (7, 5 / 7)
+    assert plan_decay(tmp_path / "warm", 4, init_from=run) == (10, 0.4)  # its weights' step
+    assert plan_decay(run, 4) == (10, 0.4)
+    assert plan_decay(run, 8, constant_steps=2) == (16, 0.5)  # other numbers: a new plan
+    _wsd_to(run, 16, 0.5)
+    assert plan_decay(run, 8, constant_steps=2) == (16, 0.5)  # done: still that one
+    assert plan_decay(run, 3) == (19, 3 / 19)  # past it: from the current step
+    with pytest.raises(ValueError, match="decay_steps"):
+        plan_decay(tmp_path / "x", 0)
+    with pytest.raises(ValueError, match="constant_steps"):
+        plan_decay(tmp_path / "x", 5, constant_steps=-1)
 
 
 def test_resume_of_a_run_saved_before_a_setting_existed(tmp_path):
@@ -147,12 +197,6 @@ def test_kill_between_renames_is_repaired(tmp_path):
     assert res.resumed_from == 8
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 _DDP_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -174,9 +218,11 @@ def test_ddp_gloo_two_processes_matches_single(tmp_path):
     script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env)
+    # --standalone: the rendezvous store binds a port the OS picks and keeps it (a port
+    # found free beforehand could be taken by another process before the launcher binds it)
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={_free_port()}", str(script), str(tmp_path / "two")],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path / "two")],
         env=env, capture_output=True, text=True,
     )
     assert two.returncode == 0, two.stderr[-3000:]
