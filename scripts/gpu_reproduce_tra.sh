@@ -8,7 +8,7 @@
 #   stage 2 (`eval`): TRA on held-out documents of code (in-domain), docs and prose
 #     (semi-OOD) and random tokens (full-OOD); latent UMAP / t-SNE plots.
 #
-# Usage: bash scripts/gpu_reproduce_tra.sh data|train|eval|all
+# Usage: bash scripts/gpu_reproduce_tra.sh data|train|eval|all|parts
 #   env: TOKENIZER (tokenizer.json, vocab 32768), STEPS, BATCH, LR, MAX_TOKENS,
 #   SCHEDULE (wsd: warmup, constant lr, linear decay at the end; or cosine), and the
 #   training time: WALL_S seconds of training, or DEADLINE_S (seconds from the start of
@@ -24,6 +24,9 @@
 #   scripts/weight_parts.py split` packs a checkpoint into compressed bf16 parts (<= 16 MB
 #   each) that travel in pieces; INIT_FROM=<parts or checkpoint dir> starts `train` from
 #   them with a fresh optimizer, the learning rate re-warmed over the warmup steps.
+#   Stage `parts` brings the checkpoint back in such parts: PARTS=0-3 copies parts 0 to 3
+#   and manifest.json to $OUT (split once per checkpoint step into $PARTS_DIR), PARTS=4-7
+#   in a second call (files back from a call: 64 MiB in all).
 set -euo pipefail
 SECONDS=0
 stage=${1:-all}
@@ -104,4 +107,21 @@ if [[ $stage == eval || $stage == all ]]; then
   ls /tmp/plots
   cp /tmp/plots/*umap*.png /tmp/plots/*tsne*.png "$OUT/" 2>/dev/null || true
   echo "eval stage in $((SECONDS - t_eval))s"
+fi
+
+if [[ $stage == parts ]]; then
+  PARTS_DIR=${PARTS_DIR:-/tmp/out-parts}
+  step=$(python3 -c 'import sys; from cir.checkpoint import saved_step; print(saved_step(sys.argv[1]))' "$CK")
+  if [[ $(cat "$PARTS_DIR.step" 2>/dev/null) != "$step" ]]; then  # none yet, or an older step's
+    rm -rf "$PARTS_DIR"
+    python3 scripts/weight_parts.py split "$CK" "$PARTS_DIR"
+    echo "$step" > "$PARTS_DIR.step"
+  fi
+  range=${PARTS:-0-3}
+  for i in $(seq "${range%-*}" "${range#*-}"); do
+    part=$(printf '%s/weights.part-%03d' "$PARTS_DIR" "$i")
+    if [[ -f $part ]]; then cp "$part" "$OUT/"; fi
+  done
+  cp "$PARTS_DIR/manifest.json" "$OUT/"
+  echo "parts $range of step $step in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 fi
