@@ -195,11 +195,13 @@ def plan_decay(
     if at is None:
         at = saved_step(init_from) if init_from is not None else 0
     path = out_dir / DECAY_PLAN_FILE
-    if path.is_file():
+    try:
         plan = json.loads(path.read_text())
-        same = (plan.get("decay_steps"), plan.get("constant_steps")) == (decay_steps, constant_steps)
+        same = (plan["decay_steps"], plan["constant_steps"]) == (decay_steps, constant_steps)
         if same and plan["from_step"] <= at <= plan["steps"]:
             return plan["steps"], decay_steps / plan["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no plan, or not one this writes: a new plan replaces it
     steps = at + constant_steps + decay_steps
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = {"from_step": at, "constant_steps": constant_steps, "decay_steps": decay_steps,

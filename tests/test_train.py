@@ -112,6 +112,9 @@ def test_decay_plan_other_numbers_start_from_the_current_step(tmp_path):
     _wsd_to(run, 16, 0.5)
     assert plan_decay(run, 8, constant_steps=2) == (16, 0.5)  # done: still that one
     assert plan_decay(run, 3) == (19, 3 / 19)  # past it: from the current step
+    (run / DECAY_PLAN_FILE).write_text("{not json")
+    assert plan_decay(run, 3) == (19, 3 / 19)  # an unreadable plan is replaced
+    assert json.loads((run / DECAY_PLAN_FILE).read_text())["steps"] == 19
     with pytest.raises(ValueError, match="decay_steps"):
         plan_decay(tmp_path / "x", 0)
     with pytest.raises(ValueError, match="constant_steps"):
