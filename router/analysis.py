@@ -232,7 +232,8 @@ def _umap(x: np.ndarray, seed: int) -> np.ndarray:
     import umap
 
     neighbours = int(max(2, min(15, len(x) - 1)))
-    reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, random_state=seed)
+    # a seeded UMAP runs on one thread; saying so keeps umap from warning that it does
+    reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, random_state=seed, n_jobs=1)
     return reducer.fit_transform(x)
 
 

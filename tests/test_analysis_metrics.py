@@ -4,6 +4,7 @@ with known answers."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -156,6 +157,8 @@ def test_dataset_label_is_short():
 @pytest.mark.slow
 def test_umap_projection_is_deterministic_and_separates_blobs():
     x, y = blobs(gap=20.0, n=40)
-    a, b = project(x, "umap", seed=0), project(x, "umap", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # umap warns about seeded n_jobs
+        a, b = project(x, "umap", seed=0), project(x, "umap", seed=0)
     np.testing.assert_allclose(a, b)
     assert linear_separability(a, y) == pytest.approx(1.0)
