@@ -134,11 +134,16 @@ def weights_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
+def weights_file(path: str | Path) -> Path:
+    """The weights of a checkpoint directory, or ``path`` itself (a ``.safetensors`` file)."""
+    path = Path(path)
+    return path / WEIGHTS_FILE if path.is_dir() else path
+
+
 def saved_step(path: str | Path) -> int:
     """The training step weights were saved at (their ``step`` metadata; 0 when they do
     not say), for a checkpoint directory or a ``.safetensors`` file."""
-    path = Path(path)
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    weights = weights_file(path)
     step = weights_metadata(weights).get("step", "0")
     if not step.isdigit():
         raise CheckpointError(f"{weights}: metadata step {step!r} is not a step number")

@@ -48,6 +48,7 @@ from cir.checkpoint import (
     save_weights,
     saved_step,
     unwrap,
+    weights_file,
     weights_metadata,
     write_config,
 )
@@ -364,8 +365,7 @@ def _resume(
 def _init_weights(init_from: str | Path, model: nn.Module, cfg: TrainConfig) -> int:
     """Load the weights of ``init_from`` (a checkpoint directory or a ``.safetensors``
     file) into ``model``; return the step they were saved at (0 when they do not say)."""
-    path = Path(init_from)
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    path, weights = Path(init_from), weights_file(init_from)
     if path.is_dir() and read_config(path)[1] != unwrap(model).config:
         raise CheckpointError(f"{path}: a different model config than this run's")
     step = saved_step(weights)
