@@ -13,7 +13,8 @@
 #   SCHEDULE (wsd: warmup, constant lr, linear decay at the end; or cosine), and the
 #   training time: WALL_S seconds of training, or DEADLINE_S (seconds from the start of
 #   the script, corpus building included) minus EVAL_RESERVE_S (the quick TRA table after
-#   `train`, or the whole `eval` stage after `all`). Re-running `train` resumes from the
+#   `train`, or the whole `eval` stage after `all`; with EVAL_RESERVE_S=0 `train` skips
+#   the quick table, so the call ends within DEADLINE_S). Re-running `train` resumes from the
 #   last checkpoint (the GPU machine keeps /tmp between back-to-back calls), so a long run
 #   can span calls. With SCHEDULE=wsd the constant phase does not depend on STEPS: run
 #   with a large STEPS, then finish with DECAY_STEPS=n (the run ends n steps after the
@@ -90,7 +91,8 @@ print(json.dumps({"steps": res.step, "stopped_early": res.stopped_early, "wall_s
                   "last": res.last, "last_eval": res.last_eval}))
 PY
   cp "$CK/metrics.jsonl" "$OUT/metrics.jsonl"
-  if [[ $stage == train ]]; then  # the table now, in case the machine is gone before `eval`
+  # the table now, in case the machine is gone before `eval`; EVAL_RESERVE_S=0 leaves no time for it
+  if [[ $stage == train && $EVAL_RESERVE_S -gt 0 ]]; then
     route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
       --split test --device cuda --batch-size 128 --max-chunks 2000 --json > "$OUT/tra_quick.json" || true
   fi
