@@ -137,8 +137,9 @@ def bench_decode_cmd(
     out: Path = typer.Option(None, "--out", help="Folder for bench.json and bench.png."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Per-token decode latency (cache hit / miss), bandwidth bound, cache memory and the
-    largest N before out-of-memory, random weights.
+    """Per-token decode latency (cache hit / miss) and cache memory, random weights.
+
+    Also the bandwidth bound and the largest N before out-of-memory.
 
     Example: route-cli bench decode --preset small --n 1024 --n 4096 --n 32768
     """

@@ -142,9 +142,10 @@ def mount_cmd(
     registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Mount a new domain expert: build its corpus, train its compressor and TLinFormer LM,
-    calibrate its OOD threshold, register it atomically. Re-running an interrupted mount
-    resumes it; existing experts are never modified.
+    """Mount a new domain expert; re-running an interrupted mount resumes it.
+
+    Builds its corpus, trains its compressor and TLinFormer LM, calibrates its OOD
+    threshold and registers it atomically; existing experts are never modified.
 
     Example: route-cli mount c-code --source /usr/include --max-tokens 1000000
     """
@@ -192,8 +193,9 @@ def experts_cmd(
     registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """List mounted experts: source, sizes, parameters, calibrated threshold; corrupted
-    experts (hash mismatch, missing files) are flagged.
+    """List mounted experts: source, sizes, parameters, calibrated threshold.
+
+    Corrupted experts (hash mismatch, missing files) are flagged.
 
     Example: route-cli experts --json
     """
@@ -254,9 +256,10 @@ def quickstart_cmd(
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Build a registry of experts from built-in local corpora (python-code, python-docs,
-    and c-code or man-pages where present) in about a minute on a 2-core CPU, then
-    score sample files. A second run reuses the registry.
+    """Mount experts on built-in local corpora in about a minute, then score samples.
+
+    The corpora: python-code, python-docs, and c-code or man-pages where present; about
+    a minute on a 2-core CPU. A second run reuses the registry.
 
     Example: route-cli quickstart
     """
@@ -306,8 +309,10 @@ def perplexity_cmd(
     registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Perplexity of an LM on a dataset, or of routed experts on a file (with the oracle
-    routing, best LM per chunk, and every single expert, so the gain of routing shows).
+    """Perplexity of an LM on a dataset, or of routed experts on a file.
+
+    With --routed: next to the oracle routing (best LM per chunk) and every single
+    expert, so the gain of routing shows.
 
     Example: route-cli perplexity notes.md --routed
     """
@@ -360,8 +365,10 @@ def continual_cmd(
     workdir: Path | None = typer.Option(None, "--workdir", help="Scratch directory (default: $CIR_HOME/bench/continual)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Mount A and B, measure; mount C, measure again (routing accuracy and routed
-    perplexity on held-out data); compare with one LM fine-tuned on A, then B, then C.
+    """Continual learning: mount A and B, then C; compare with one LM fine-tuned in turn.
+
+    Measures routing accuracy and routed perplexity on held-out data after A + B and
+    again after C, next to one LM fine-tuned on A, then B, then C.
 
     Example: route-cli bench continual --preset quick
     """
@@ -410,8 +417,10 @@ def routing_bench_cmd(
     eval_chunks: int = typer.Option(64, "--eval-chunks", help="Held-out chunks per set."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Routing accuracy on every mounted domain's held-out chunks, and OOD AUROC against
-    random tokens and unmounted sources.
+    """Routing accuracy and OOD AUROC of the mounted experts.
+
+    Accuracy on every mounted domain's held-out chunks; AUROC against random tokens and
+    unmounted sources.
 
     Example: route-cli bench registry --ood man-pages
     """
