@@ -139,6 +139,9 @@ def eval_cmd(
                                   "there; fp32 on CPU) | fp32 | bf16"),
     baseline: bool = typer.Option(True, help="Also the AUROC of a unigram model of the "
                                   "first dataset's train split (a bag-of-tokens baseline)."),
+    worst: int = typer.Option(0, "--worst", min=0, help="Also list each dataset's N "
+                              "documents with the lowest TRA and their share of the errors "
+                              "(datasets with a document index)."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -152,9 +155,13 @@ def eval_cmd(
 
     Every chunk of the corpora the compressor never trained on: route-cli compressor eval
     runs/cmp --data python-code --data python-prose --data random --ood-split all
+
+    Which held-out documents it fails on: route-cli compressor eval runs/cmp --data
+    python-code --worst 20
     """
     from cir.compressor.evaluate import (
         auroc_table,
+        document_errors,
         evaluate,
         rows_to_markdown,
         unigram_auroc_table,
@@ -188,14 +195,22 @@ def eval_cmd(
         if train_split is not None and len(train_split) > 0:
             base = unigram_auroc_table(rows, datasets, train_split, model.config.vocab_size,
                                        max_chunks)
+    by_doc = ({r.name: document_errors(r, datasets[r.name], worst) for r in rows}
+              if worst else {})
     if as_json:
-        print_json({"checkpoint": str(ckpt), "split": split, "ood_split": other,
-                    "rows": [r.to_dict() for r in rows], "auroc_vs_first": aurocs,
-                    "unigram_auroc_vs_first": base})
-    elif markdown:
+        out = {"checkpoint": str(ckpt), "split": split, "ood_split": other,
+               "rows": [r.to_dict() for r in rows], "auroc_vs_first": aurocs,
+               "unigram_auroc_vs_first": base}
+        if worst:
+            out["documents"] = by_doc
+        print_json(out)
+        return
+    if markdown:
         print(rows_to_markdown(rows, aurocs, base))
     else:
         _print_rows(rows, aurocs, base)
+    for name, errors in by_doc.items():
+        _print_worst(name, errors, markdown)
 
 
 def _print_rows(rows: list[Any], aurocs: dict[str, float],
@@ -214,6 +229,33 @@ def _print_rows(rows: list[Any], aurocs: dict[str, float],
         if base is not None:
             cells.append(f"{base[r.name]:.4f}" if r.name in base else "-")
         table.add_row(*cells)
+    console.print(table)
+
+
+def _print_worst(name: str, errors: dict[str, Any] | None, markdown: bool) -> None:
+    if errors is None:
+        note = f"{name}: no document index (random tokens, a packed dataset, or one built before indexes)"
+        if markdown:
+            print(f"\n{note}")
+        else:
+            console.print(f"[dim]{note}[/]")
+        return
+    title = (f"{name}: the {len(errors['worst'])} worst of {errors['documents']:,} documents "
+             f"hold {100 * errors['worst_error_share']:.1f}% of the wrong tokens in "
+             f"{100 * errors['worst_token_share']:.1f}% of the tokens (document-mean TRA "
+             f"{100 * errors['tra_document_mean']:.2f}%)")
+    if markdown:
+        print(f"\n{title}\n\n| document | chunks | tokens | TRA | CE |\n|---|---:|---:|---:|---:|")
+        for d in errors["worst"]:
+            print(f"| {d['id']} | {d['chunks']} | {d['tokens']} | {100 * d['tra']:.2f}% | {d['loss']:.3f} |")
+        return
+    table = Table(title=title)
+    table.add_column("document", overflow="fold")
+    for col in ("chunks", "tokens", "TRA", "CE"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for d in errors["worst"]:
+        table.add_row(d["id"], str(d["chunks"]), f"{d['tokens']:,}", f"{100 * d['tra']:.2f}%",
+                      f"{d['loss']:.3f}")
     console.print(table)
 
 

@@ -3,7 +3,8 @@ the AUROC of telling two datasets apart by reconstruction loss (the routing sign
 
 TRA is reported twice: pooled over tokens (what the paper's table reports) and averaged
 per chunk (what a router sees). The AUROC uses each chunk's mean cross-entropy as the
-out-of-domain score (``sklearn.metrics.roc_auc_score``).
+out-of-domain score (``sklearn.metrics.roc_auc_score``). Where a dataset has a document
+index, ``document_errors`` says which documents the errors come from.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class EvalRow:
     loss: float  # mean cross-entropy per token
     chunk_loss: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     chunk_tra: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    chunk_tokens: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))
+    chunk_index: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))
 
     def to_dict(self, per_chunk: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -85,8 +88,11 @@ def score_dataset(
     return ChunkScores.cat(parts)
 
 
-def row_from_scores(name: str, s: ChunkScores) -> EvalRow:
+def row_from_scores(name: str, s: ChunkScores, index: np.ndarray | None = None) -> EvalRow:
+    """``s`` scored chunks ``index`` of a dataset (default: 0, 1, ...); chunks without
+    tokens are dropped."""
     keep = s.n_tokens > 0
+    index = np.arange(len(keep)) if index is None else np.asarray(index, dtype=np.int64)
     tokens = int(s.n_tokens.sum())
     loss_sum = float((s.loss[keep].double() * s.n_tokens[keep].double()).sum())
     return EvalRow(
@@ -98,6 +104,8 @@ def row_from_scores(name: str, s: ChunkScores) -> EvalRow:
         loss=loss_sum / max(tokens, 1),
         chunk_loss=s.loss[keep].numpy(),
         chunk_tra=s.tra[keep].numpy(),
+        chunk_tokens=s.n_tokens[keep].numpy().astype(np.int64),
+        chunk_index=index[keep.numpy()],
     )
 
 
@@ -115,9 +123,39 @@ def evaluate(
     rows = []
     for name, data in datasets.items():
         cb = None if on_batch is None else (lambda n, _name=name: on_batch(_name, n))
-        rows.append(row_from_scores(name, score_dataset(model, data, batch_size, max_chunks, cb,
-                                                       precision)))
+        scores = score_dataset(model, data, batch_size, max_chunks, cb, precision)
+        rows.append(row_from_scores(name, scores, pick_chunks(len(data), max_chunks)))
     return rows
+
+
+def document_errors(row: EvalRow, data: Any, worst: int = 10) -> dict[str, Any] | None:
+    """Where a row's reconstruction errors sit, by document (None without a document index).
+
+    Per scored document: chunks, tokens, TRA pooled over its tokens and mean cross-entropy;
+    the ``worst`` documents by TRA (fewest correct tokens first on ties), and the share of
+    all wrong tokens and of all tokens that they hold. Only scored chunks count, so with
+    ``max_chunks`` a document's figures cover the chunks drawn from it."""
+    index = data.documents() if hasattr(data, "documents") else None
+    if index is None or len(row.chunk_index) == 0:
+        return None
+    doc = index.of_chunks(row.chunk_index)  # [C] document number of each scored chunk
+    docs, inverse = np.unique(doc, return_inverse=True)
+    tokens = np.bincount(inverse, weights=row.chunk_tokens).astype(np.int64)  # [D]
+    correct = np.bincount(inverse, weights=row.chunk_tra.astype(np.float64) * row.chunk_tokens)
+    correct = correct.round().astype(np.int64)
+    loss = np.bincount(inverse, weights=row.chunk_loss.astype(np.float64) * row.chunk_tokens) / tokens
+    chunks = np.bincount(inverse)
+    tra = correct / tokens
+    order = np.lexsort((correct, tra))[:worst]  # lowest TRA first
+    wrong = tokens - correct
+    return {
+        "documents": len(docs),
+        "tra_document_mean": float(tra.mean()),
+        "worst": [{"id": index.ids[docs[i]], "chunks": int(chunks[i]), "tokens": int(tokens[i]),
+                   "tra": float(tra[i]), "loss": float(loss[i])} for i in order],
+        "worst_error_share": float(wrong[order].sum() / max(wrong.sum(), 1)),
+        "worst_token_share": float(tokens[order].sum() / tokens.sum()),
+    }
 
 
 def auroc(in_domain: EvalRow, other: EvalRow) -> float:

@@ -7,6 +7,9 @@ A dataset is a directory::
     tokenizer.json    the tokenizer the ids come from
     <split>.bin       uint16 (uint32 for vocabularies over 65536) ids, [N, seq_len], row-major
     <split>.len       int32 real tokens per chunk, [N] (padding is at the tail)
+    <split>.docs.jsonl  per-document chunking only: one line per document in chunk order,
+                      {"id": document id, "chunks": its number of chunks}; datasets built
+                      without it read as before, only without a document index
 
 Default chunking is per document: a chunk never mixes two documents, so each chunk has
 one domain (routing scores chunks). ``pack=True`` instead concatenates documents with an
@@ -47,6 +50,7 @@ from tokenizers import Tokenizer
 from cir.paths import datasets_dir
 
 FORMAT_VERSION = 1
+DOCS_SUFFIX = ".docs.jsonl"
 ENCODE_BATCH = 256
 BATCH_CHARS = 4 * 2**20
 TOKENIZER_TRAIN_BYTES = 64 * 2**20
@@ -86,13 +90,18 @@ class SplitWriter:
     def __post_init__(self) -> None:
         self._bin = open(self.root / f"{self.split}.bin", "wb")  # noqa: SIM115 - closed in close()
         self._len = open(self.root / f"{self.split}.len", "wb")  # noqa: SIM115
+        # per-document chunking: which chunks came from which document (packed chunks mix them)
+        self._docs = None if self.pack else open(  # noqa: SIM115
+            self.root / f"{self.split}{DOCS_SUFFIX}", "w", encoding="utf-8")
 
-    def add(self, text_bytes: int, ids: np.ndarray) -> None:
+    def add(self, text_bytes: int, ids: np.ndarray, doc_id: str = "") -> None:
         self.documents += 1
         self.tokens += len(ids)
         self.bytes += text_bytes
-        if not self.pack:
-            self._write(*chunk_ids(ids, self.seq_len, self.dtype))
+        if self._docs is not None:
+            chunks, lengths = chunk_ids(ids, self.seq_len, self.dtype)
+            self._write(chunks, lengths)
+            self._docs.write(json.dumps({"id": doc_id, "chunks": len(chunks)}) + "\n")
             return
         self._buffer.append(np.append(ids, EOS_ID).astype(np.int64))
         self._buffered += len(ids) + 1
@@ -117,6 +126,8 @@ class SplitWriter:
             self._flush_packed(final=True)
         self._bin.close()
         self._len.close()
+        if self._docs is not None:
+            self._docs.close()
         return {"documents": self.documents, "tokens": self.tokens, "chunks": self.chunks, "bytes": self.bytes}
 
 
@@ -192,7 +203,7 @@ def _encode_all(
     """Encode and write every document; True when the train budget stopped the stream."""
     for batch in _batches(docs, ENCODE_BATCH, BATCH_CHARS):
         for doc, ids in zip(batch, _encode_batch(tok, batch), strict=True):
-            writers[split_of(doc.id)].add(len(doc.text.encode("utf-8", "surrogatepass")), ids)
+            writers[split_of(doc.id)].add(len(doc.text.encode("utf-8", "surrogatepass")), ids, doc.id)
             if max_tokens is not None and writers["train"].tokens >= max_tokens:
                 break
         if on_progress is not None:
@@ -304,6 +315,49 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------- reading
 
 
+@dataclass(frozen=True)
+class DocumentIndex:
+    """Which document each chunk of a split came from: document ``d`` holds chunks
+    ``starts[d]:starts[d + 1]`` (``starts [D + 1]``; a document without tokens has none)."""
+
+    ids: list[str]
+    starts: np.ndarray  # int64 [D + 1]
+
+    @classmethod
+    def read(cls, path: Path, n_chunks: int) -> DocumentIndex:
+        ids, counts = [], []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                    ids.append(str(row["id"]))
+                    counts.append(int(row["chunks"]))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{line_no}: not a document index line ({e})") from None
+        starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        if starts[-1] != n_chunks or (len(counts) and min(counts) < 0):
+            raise ValueError(f"{path}: indexes {starts[-1]} chunks, the split has {n_chunks}")
+        return cls(ids, starts)
+
+    @classmethod
+    def concat(cls, parts: list[DocumentIndex]) -> DocumentIndex:
+        starts, offset = [np.zeros(1, np.int64)], 0
+        for part in parts:
+            starts.append(part.starts[1:] + offset)
+            offset += int(part.starts[-1])
+        return cls([i for part in parts for i in part.ids], np.concatenate(starts))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def of_chunks(self, chunk_index: Any) -> np.ndarray:
+        """Document number of each chunk index, ``int64 [B]``."""
+        idx = np.asarray(chunk_index, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.starts[-1]):
+            raise IndexError(f"chunk index out of range for {self.starts[-1]} chunks")
+        return np.searchsorted(self.starts, idx, side="right") - 1
+
+
 class ChunkDataset:
     """One split of a built dataset: zero-copy memmap ids ``[N, T]`` and lengths ``[N]``."""
 
@@ -334,6 +388,11 @@ class ChunkDataset:
     @property
     def tokenizer_path(self) -> Path:
         return self.root / "tokenizer.json"
+
+    def documents(self) -> DocumentIndex | None:
+        """The split's document index; None for packed datasets and ones built without it."""
+        path = self.root / f"{self.split}{DOCS_SUFFIX}"
+        return DocumentIndex.read(path, len(self)) if path.is_file() else None
 
     def __reduce__(self) -> tuple[Any, tuple[str, str]]:
         # pickled by path (e.g. to DataLoader workers): re-mapped, never copied
@@ -370,6 +429,11 @@ class AllSplits:
     @property
     def tokenizer_path(self) -> Path:
         return self.parts[0].tokenizer_path
+
+    def documents(self) -> DocumentIndex | None:
+        """Train, val and test's document indexes end to end (None if one is missing)."""
+        parts = [p.documents() for p in self.parts]
+        return None if any(p is None for p in parts) else DocumentIndex.concat(parts)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

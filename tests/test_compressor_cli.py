@@ -166,3 +166,31 @@ def test_cli_train_decay_steps_resumes_the_decay(tiny_dataset, tmp_path):
         bad = CliRunner().invoke(app, [*common, "--decay-steps", "0" if extra[0] ==
                                        "--constant-steps" else "4", *extra])
         assert bad.exit_code != 0 and message in bad.output
+
+
+def test_cli_eval_worst_documents(tiny_dataset, tmp_path):
+    """--worst N: each dataset's N lowest-TRA documents (ids from its document index), in
+    JSON, the rich table and Markdown; `random` has no documents to name."""
+    from cir.compressor.model import Compressor, CompressorConfig
+    from cir.data.shards import open_dataset
+
+    from cir.checkpoint import save_checkpoint
+
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    save_checkpoint(tmp_path / "m", Compressor(CompressorConfig.from_name(
+        "debug", vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"])))
+    args = ["compressor", "eval", str(tmp_path / "m"), "--data", str(tiny_dataset), "--data",
+            "random", "--split", "train", "--worst", "3"]
+    ev = _invoke(*args, "--json")
+    docs = ev["documents"][str(tiny_dataset)]
+    index = open_dataset(tiny_dataset, "train").documents()
+    assert docs["documents"] == len(index) and len(docs["worst"]) == 3
+    assert all(w["id"] in index.ids for w in docs["worst"])
+    tras = [w["tra"] for w in docs["worst"]]
+    assert tras == sorted(tras) and tras[0] <= docs["tra_document_mean"]
+    assert ev["documents"]["random"] is None
+    assert "documents" not in _invoke(*args[:-2], "--json")  # only when asked
+    rich = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert rich.exit_code == 0 and "worst of" in rich.stdout and "random: no document index" in rich.stdout
+    md = CliRunner().invoke(app, [*args, "--markdown"])
+    assert md.exit_code == 0 and md.stdout.count(f"| {docs['worst'][0]['id']} |") == 1

@@ -163,3 +163,47 @@ def test_paper_defaults_are_the_measured_recipe():
     assert lr_at(300, cfg) == lr_at(cfg.steps * 8 // 10, cfg) == 5e-4  # constant phase
     assert lr_at(cfg.steps, cfg) < lr_at(cfg.steps * 9 // 10, cfg) < 5e-4  # the decay
     assert default_train_config("paper", schedule="cosine").schedule == "cosine"
+
+
+def test_document_errors_match_a_per_document_reference(trained):
+    """Worst documents from evaluate()'s rows equal a loop over each document's own chunks,
+    with a subsample (max_chunks) and chunks without tokens in the mix."""
+    from cir.compressor.evaluate import document_errors
+    from cir.data.shards import DocumentIndex
+
+    out, _, _ = trained
+    model = load_checkpoint(out)
+    data = Chunks(60, seed=5)
+    data.ids[40:] = np.random.default_rng(1).integers(2, 512, size=(20, 32))  # hard documents
+    data.lengths[[3, 41]] = 0
+    sizes = [5, 1, 9, 0, 12, 3, 10, 20]  # one document without chunks
+    index = DocumentIndex([f"doc{i}" for i in range(len(sizes))], np.cumsum([0, *sizes]))
+    data.documents = lambda: index
+    (row,) = evaluate(model, {"d": data}, max_chunks=45)
+    got = document_errors(row, data, worst=3)
+    picked = [i for i in np.unique(np.linspace(0, 59, 45).round().astype(int)) if data.lengths[i]]
+    ids, mask = data.get_batch(np.array(picked))
+    s = model.score(ids, mask)
+    per_doc: dict[int, list[float]] = {}
+    for k, i in enumerate(picked):
+        d = int(np.searchsorted(index.starts, i, side="right") - 1)
+        acc = per_doc.setdefault(d, [0, 0, 0.0, 0])
+        acc[0] += int(s.n_tokens[k])
+        acc[1] += int(s.n_correct[k])
+        acc[2] += float(s.loss[k]) * int(s.n_tokens[k])
+        acc[3] += 1
+    tra = {d: c / t for d, (t, c, _, _) in per_doc.items()}
+    order = sorted(per_doc, key=lambda d: (tra[d], per_doc[d][1]))[:3]
+    assert got["documents"] == len(per_doc) == 7
+    assert [w["id"] for w in got["worst"]] == [f"doc{d}" for d in order]
+    assert got["worst"][0]["id"] == "doc7"  # the random-token chunks 40-59
+    for w, d in zip(got["worst"], order, strict=True):
+        t, c, loss_sum, n = per_doc[d]
+        assert (w["tokens"], w["chunks"]) == (t, n)
+        assert w["tra"] == pytest.approx(c / t) and w["loss"] == pytest.approx(loss_sum / t, rel=1e-5)
+    wrong = {d: t - c for d, (t, c, _, _) in per_doc.items()}
+    assert got["worst_error_share"] == pytest.approx(sum(wrong[d] for d in order) / sum(wrong.values()))
+    assert got["worst_token_share"] == pytest.approx(
+        sum(per_doc[d][0] for d in order) / sum(v[0] for v in per_doc.values()))
+    assert got["tra_document_mean"] == pytest.approx(np.mean(list(tra.values())))
+    assert document_errors(row, Chunks(60, seed=5)) is None  # no index: nothing to say

@@ -254,3 +254,48 @@ def test_all_splits_is_train_val_test_in_order(tiny_dataset):
     assert torch.equal(ids, ref_ids[order]) and torch.equal(mask, ref_mask[order])
     with pytest.raises(IndexError, match="out of range"):
         every.get_batch([len(every)])
+
+
+def test_document_index_maps_chunks_to_their_documents(tiny_dataset, tiny_corpus, tok):
+    """Each chunk's document, read from <split>.docs.jsonl, is the one its tokens came from."""
+    texts = {d.id: d.text for d in iter_documents(str(tiny_corpus / "code"))}
+    for split in SPLITS:
+        ds = open_dataset(tiny_dataset, split)
+        index = ds.documents()
+        assert len(index) == ds.manifest["splits"][split]["documents"]
+        assert all(split_of(i) == split for i in index.ids)
+        doc_of = index.of_chunks(np.arange(len(ds)))
+        assert (np.diff(doc_of) >= 0).all()  # chunk order is document order
+        for d, doc_id in enumerate(index.ids):
+            rows = np.nonzero(doc_of == d)[0]
+            tokens = np.concatenate([np.asarray(ds.ids[r, : ds.lengths[r]]) for r in rows])
+            assert decode(tok, tokens) == texts[doc_id]
+    every = open_dataset(tiny_dataset, "all")
+    whole = every.documents()
+    assert len(whole) == sum(len(open_dataset(tiny_dataset, s).documents()) for s in SPLITS)
+    val = open_dataset(tiny_dataset, "val")
+    first_val = len(open_dataset(tiny_dataset, "train"))  # AllSplits: train, then val
+    assert whole.ids[whole.of_chunks([first_val])[0]] == val.documents().ids[0]
+
+
+def test_document_index_edge_cases(tiny_corpus, tiny_tokenizer, tmp_path):
+    index = shards.DocumentIndex(["a", "empty", "b"], np.array([0, 2, 2, 5]))
+    assert index.of_chunks([0, 1, 2, 4]).tolist() == [0, 0, 2, 2]  # "empty" owns no chunk
+    with pytest.raises(IndexError):
+        index.of_chunks([5])
+    packed = build_dataset(tmp_path / "p", str(tiny_corpus / "prose"), tokenizer=tiny_tokenizer,
+                           seq_len=SEQ, pack=True)
+    assert packed["pack"] and open_dataset(tmp_path / "p", "train").documents() is None
+    build_dataset(tmp_path / "d", str(tiny_corpus / "prose"), tokenizer=tiny_tokenizer, seq_len=SEQ)
+    docs = tmp_path / "d" / "train.docs.jsonl"
+    lines = docs.read_text().splitlines()
+    docs.write_text("\n".join(lines[:-1]) + "\n")  # one document short
+    with pytest.raises(ValueError, match="train.docs.jsonl: indexes"):
+        open_dataset(tmp_path / "d", "train").documents()
+    docs.write_text("not json\n")
+    with pytest.raises(ValueError, match="train.docs.jsonl:1: not a document index line"):
+        open_dataset(tmp_path / "d", "train").documents()
+    docs.unlink()  # a dataset built before indexes: reads as before, without one
+    ds = open_dataset(tmp_path / "d", "train")
+    assert ds.documents() is None and len(ds) > 0
+    assert open_dataset(tmp_path / "d", "all").documents() is None
