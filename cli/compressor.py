@@ -142,6 +142,9 @@ def eval_cmd(
     worst: int = typer.Option(0, "--worst", min=0, help="Also list each dataset's N "
                               "documents with the lowest TRA and their share of the errors "
                               "(datasets with a document index)."),
+    worst_by: str = typer.Option("tra", "--worst-by", help="tra: lowest TRA first (what it "
+                                 "cannot read) | errors: most wrong tokens first (where the "
+                                 "errors are)."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -172,6 +175,8 @@ def eval_cmd(
 
     if precision not in PRECISIONS:
         fail(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if worst_by not in ("tra", "errors"):
+        fail(f"--worst-by must be tra or errors, got {worst_by!r}")
     if split == "all":
         fail("--split all would score the in-domain training chunks; use --ood-split all")
     model = load_checkpoint(ckpt, device=device)
@@ -195,7 +200,7 @@ def eval_cmd(
         if train_split is not None and len(train_split) > 0:
             base = unigram_auroc_table(rows, datasets, train_split, model.config.vocab_size,
                                        max_chunks)
-    by_doc = ({r.name: document_errors(r, datasets[r.name], worst) for r in rows}
+    by_doc = ({r.name: document_errors(r, datasets[r.name], worst, worst_by) for r in rows}
               if worst else {})
     if as_json:
         out = {"checkpoint": str(ckpt), "split": split, "ood_split": other,
@@ -240,7 +245,8 @@ def _print_worst(name: str, errors: dict[str, Any] | None, markdown: bool) -> No
         else:
             console.print(f"[dim]{note}[/]")
         return
-    title = (f"{name}: the {len(errors['worst'])} worst of {errors['documents']:,} documents "
+    rank = "lowest-TRA" if errors["by"] == "tra" else "most-wrong"
+    title = (f"{name}: the {len(errors['worst'])} {rank} of {errors['documents']:,} documents "
              f"hold {100 * errors['worst_error_share']:.1f}% of the wrong tokens in "
              f"{100 * errors['worst_token_share']:.1f}% of the tokens (document-mean TRA "
              f"{100 * errors['tra_document_mean']:.2f}%)")

@@ -128,13 +128,23 @@ def evaluate(
     return rows
 
 
-def document_errors(row: EvalRow, data: Any, worst: int = 10) -> dict[str, Any] | None:
+WORST_BY = ("tra", "errors")
+
+
+def document_errors(
+    row: EvalRow, data: Any, worst: int = 10, by: str = "tra"
+) -> dict[str, Any] | None:
     """Where a row's reconstruction errors sit, by document (None without a document index).
 
     Per scored document: chunks, tokens, TRA pooled over its tokens and mean cross-entropy;
-    the ``worst`` documents by TRA (fewest correct tokens first on ties), and the share of
-    all wrong tokens and of all tokens that they hold. Only scored chunks count, so with
-    ``max_chunks`` a document's figures cover the chunks drawn from it."""
+    the ``worst`` documents, and the share of all wrong tokens and of all tokens that they
+    hold. ``by="tra"``: lowest TRA first (fewest correct tokens on ties), which finds the
+    documents the compressor cannot read; ``by="errors"``: most wrong tokens first, the
+    ``worst`` documents that hold the largest share of the errors (how concentrated they
+    are). Only scored chunks count, so with ``max_chunks`` a document's figures cover the
+    chunks drawn from it."""
+    if by not in WORST_BY:
+        raise ValueError(f"by must be one of {', '.join(WORST_BY)}, got {by!r}")
     index = data.documents() if hasattr(data, "documents") else None
     if index is None or len(row.chunk_index) == 0:
         return None
@@ -146,9 +156,13 @@ def document_errors(row: EvalRow, data: Any, worst: int = 10) -> dict[str, Any] 
     loss = np.bincount(inverse, weights=row.chunk_loss.astype(np.float64) * row.chunk_tokens) / tokens
     chunks = np.bincount(inverse)
     tra = correct / tokens
-    order = np.lexsort((correct, tra))[:worst]  # lowest TRA first
     wrong = tokens - correct
+    if by == "tra":
+        order = np.lexsort((correct, tra))[:worst]  # lowest TRA first
+    else:
+        order = np.lexsort((-tokens, -wrong))[:worst]  # most wrong tokens first
     return {
+        "by": by,
         "documents": len(docs),
         "tra_document_mean": float(tra.mean()),
         "worst": [{"id": index.ids[docs[i]], "chunks": int(chunks[i]), "tokens": int(tokens[i]),

@@ -101,9 +101,9 @@ fi
 if [[ $stage == eval || $stage == all ]]; then
   t_eval=$SECONDS
   # held-out code documents; every chunk of docs and prose (never trained on); the 25
-  # documents of each with the lowest TRA and their share of the errors
+  # documents of each with the most wrong tokens and their share of the errors
   route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
-    --split test --ood-split all --device cuda --batch-size 128 --worst 25 --json > "$OUT/tra.json"
+    --split test --ood-split all --device cuda --batch-size 128 --worst 25 --worst-by errors --json > "$OUT/tra.json"
   echo "TRA table in $((SECONDS - t_eval))s"
   route-cli analyze plot --compressor "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
     --method pca --method umap --method tsne --max-chunks 400 --device cuda --out /tmp/plots --json > "$OUT/latents.json"

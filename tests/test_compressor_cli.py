@@ -191,6 +191,13 @@ def test_cli_eval_worst_documents(tiny_dataset, tmp_path):
     assert ev["documents"]["random"] is None
     assert "documents" not in _invoke(*args[:-2], "--json")  # only when asked
     rich = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
-    assert rich.exit_code == 0 and "worst of" in rich.stdout and "random: no document index" in rich.stdout
+    assert rich.exit_code == 0 and "3 lowest-TRA of" in rich.stdout
+    assert "random: no document index" in rich.stdout
+    by_errors = _invoke(*args, "--worst-by", "errors", "--json")["documents"][str(tiny_dataset)]
+    wrong = [round(w["tokens"] * (1 - w["tra"])) for w in by_errors["worst"]]
+    assert by_errors["by"] == "errors" and wrong == sorted(wrong, reverse=True)
+    assert by_errors["worst_error_share"] >= docs["worst_error_share"]
+    bad = CliRunner().invoke(app, [*args, "--worst-by", "loss"])
+    assert bad.exit_code != 0 and "--worst-by must be tra or errors" in bad.output
     md = CliRunner().invoke(app, [*args, "--markdown"])
     assert md.exit_code == 0 and md.stdout.count(f"| {docs['worst'][0]['id']} |") == 1

@@ -207,3 +207,9 @@ def test_document_errors_match_a_per_document_reference(trained):
         sum(per_doc[d][0] for d in order) / sum(v[0] for v in per_doc.values()))
     assert got["tra_document_mean"] == pytest.approx(np.mean(list(tra.values())))
     assert document_errors(row, Chunks(60, seed=5)) is None  # no index: nothing to say
+    most = document_errors(row, data, worst=3, by="errors")
+    top = sorted(wrong, key=lambda d: (-wrong[d], -per_doc[d][0]))[:3]
+    assert [w["id"] for w in most["worst"]] == [f"doc{d}" for d in top]
+    assert most["worst_error_share"] == pytest.approx(sum(wrong[d] for d in top) / sum(wrong.values()))
+    with pytest.raises(ValueError, match="by must be one of tra, errors"):
+        document_errors(row, data, by="loss")
