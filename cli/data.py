@@ -159,6 +159,8 @@ def show_cmd(
         return
     for chunk in chunks:
         title = f"{split} chunk {chunk['index']} ({chunk['length']} tokens)"
+        if chunk["document"] is not None:
+            title += f" of {chunk['document']}"
         console.print(Panel(chunk["text"], title=title, highlight=False, expand=False), markup=False)
 
 

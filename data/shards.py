@@ -534,13 +534,16 @@ def dataset_summary(name_or_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def sample_chunks(name_or_path: str | os.PathLike, split: str = "val", n: int = 3, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` chunks of a split drawn at random, decoded back to text, to see what was built."""
+    """``n`` chunks of a split drawn at random, decoded back to text, to see what was built;
+    ``document`` is the id of the document a chunk came from (None without an index)."""
     ds = ChunkDataset(resolve_dataset(name_or_path), split)
     tok = load_tokenizer(ds.tokenizer_path)
     picks = np.random.default_rng(seed).choice(len(ds), size=min(n, len(ds)), replace=False)
+    index = ds.documents()
     out = []
     for i in sorted(int(p) for p in picks):
         length = int(ds.lengths[i])
         text = tok.decode([int(t) for t in ds.ids[i, :length]], skip_special_tokens=False)
-        out.append({"index": i, "length": length, "text": text})
+        doc = None if index is None else index.ids[int(index.of_chunks([i])[0])]
+        out.append({"index": i, "length": length, "document": doc, "text": text})
     return out

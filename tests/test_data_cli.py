@@ -40,7 +40,11 @@ def test_build_and_info_json(tiny_corpus, tiny_tokenizer):
     shown = json.loads(_invoke("show", "code", "--split", "train", "-n", "2", "--json").stdout)
     sources = [p.read_text() for p in (tiny_corpus / "code").rglob("*.py")]
     assert len(shown) == 2 and all(len(c["text"]) > 0 and any(c["text"] in s for s in sources) for c in shown)
-    assert _invoke("show", "code", "-n", "1").exit_code == 0
+    for c in shown:  # each chunk names the file it came from
+        assert c["document"].startswith("file:")
+        assert c["text"] in (tiny_corpus / "code" / c["document"].removeprefix("file:")).read_text()
+    one = _invoke("show", "code", "-n", "1")
+    assert one.exit_code == 0 and " of file:" in one.stdout
 
 
 def test_build_trains_tokenizer_and_renders_tables(tiny_corpus, tmp_path):
