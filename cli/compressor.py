@@ -139,8 +139,8 @@ def eval_cmd(
                                   "there; fp32 on CPU) | fp32 | bf16"),
     baseline: bool = typer.Option(True, help="Also the AUROC of a unigram model of the "
                                   "first dataset's train split (a bag-of-tokens baseline)."),
-    worst: int = typer.Option(0, "--worst", min=0, help="Also list each dataset's N "
-                              "documents with the lowest TRA and their share of the errors "
+    worst: int = typer.Option(0, "--worst", min=0, help="Also list each dataset's N worst "
+                              "documents (see --worst-by) and their share of the errors "
                               "(datasets with a document index)."),
     worst_by: str = typer.Option("tra", "--worst-by", help="tra: lowest TRA first (what it "
                                  "cannot read) | errors: most wrong tokens first (where the "
@@ -163,6 +163,7 @@ def eval_cmd(
     python-code --worst 20
     """
     from cir.compressor.evaluate import (
+        WORST_BY,
         auroc_table,
         document_errors,
         evaluate,
@@ -175,8 +176,8 @@ def eval_cmd(
 
     if precision not in PRECISIONS:
         fail(f"--precision must be auto, fp32 or bf16, got {precision!r}")
-    if worst_by not in ("tra", "errors"):
-        fail(f"--worst-by must be tra or errors, got {worst_by!r}")
+    if worst_by not in WORST_BY:
+        fail(f"--worst-by must be {' or '.join(WORST_BY)}, got {worst_by!r}")
     if split == "all":
         fail("--split all would score the in-domain training chunks; use --ood-split all")
     model = load_checkpoint(ckpt, device=device)
