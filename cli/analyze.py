@@ -314,6 +314,8 @@ def explain_cmd(
         for name, e in row["experts"].items():
             for j, nb in enumerate(e["neighbours"]):
                 src = nb.get("source") or f"{nb.get('dataset', '')}#{nb.get('chunk', '')}"
+                if "part" in nb:  # which chunk of that document
+                    src = f"{src} (chunk {nb['part'] + 1})"
                 table.add_row(name if j == 0 else "", f"{e['loss']:.3f}" if j == 0 else "",
                               f"{100 * e['tra']:.1f}%" if j == 0 else "",
                               f"{nb['distance']:.2f}", str(src), nb.get("text", "")[:100])

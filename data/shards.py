@@ -358,6 +358,13 @@ class DocumentIndex:
         return np.searchsorted(self.starts, idx, side="right") - 1
 
 
+def _chunk_info(index: DocumentIndex | None, i: int) -> dict[str, Any]:
+    if index is None:
+        return {}
+    d = int(index.of_chunks([i])[0])
+    return {"source": index.ids[d], "part": int(i - index.starts[d])}
+
+
 class ChunkDataset:
     """One split of a built dataset: zero-copy memmap ids ``[N, T]`` and lengths ``[N]``."""
 
@@ -390,9 +397,17 @@ class ChunkDataset:
         return self.root / "tokenizer.json"
 
     def documents(self) -> DocumentIndex | None:
-        """The split's document index; None for packed datasets and ones built without it."""
-        path = self.root / f"{self.split}{DOCS_SUFFIX}"
-        return DocumentIndex.read(path, len(self)) if path.is_file() else None
+        """The split's document index; None for packed datasets and ones built without it.
+        Read once per opened split."""
+        if not hasattr(self, "_documents"):
+            path = self.root / f"{self.split}{DOCS_SUFFIX}"
+            self._documents = DocumentIndex.read(path, len(self)) if path.is_file() else None
+        return self._documents
+
+    def chunk_info(self, i: int) -> dict[str, Any]:
+        """Where chunk ``i`` came from: ``{"source": document id, "part": k}`` (its k-th
+        chunk), or ``{}`` without a document index."""
+        return _chunk_info(self.documents(), i)
 
     def __reduce__(self) -> tuple[Any, tuple[str, str]]:
         # pickled by path (e.g. to DataLoader workers): re-mapped, never copied
@@ -432,8 +447,14 @@ class AllSplits:
 
     def documents(self) -> DocumentIndex | None:
         """Train, val and test's document indexes end to end (None if one is missing)."""
-        parts = [p.documents() for p in self.parts]
-        return None if any(p is None for p in parts) else DocumentIndex.concat(parts)
+        if not hasattr(self, "_documents"):
+            parts = [p.documents() for p in self.parts]
+            self._documents = None if any(p is None for p in parts) else DocumentIndex.concat(parts)
+        return self._documents
+
+    def chunk_info(self, i: int) -> dict[str, Any]:
+        """As ``ChunkDataset.chunk_info``, over the joined splits."""
+        return _chunk_info(self.documents(), i)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

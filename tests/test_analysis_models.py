@@ -90,6 +90,10 @@ def test_latent_index_of_a_dataset_finds_its_own_chunks(registry, tiny_dataset):
     index = build_index(model, data, pooling="mean", max_chunks=40, tokenizer=tok,
                         dataset_name="code")
     assert len(index) == min(40, len(data)) and index.meta[0]["text"]
+    docs = data.documents()  # each entry names the document its chunk came from
+    for m in index.meta:
+        d = docs.of_chunks([m["chunk"]])[0]
+        assert m["source"] == docs.ids[d] and m["part"] == m["chunk"] - docs.starts[d]
     entry = index.meta[5]
     ids, mask = data.get_batch([entry["chunk"]])
     dist, found = index.search(encode_pooled(model, ids, mask, "mean"), 1)
@@ -185,6 +189,11 @@ def test_cli_index_build_and_explain(registry, tmp_path):
         assert len(e["neighbours"]) == 2 and math.isfinite(e["loss"])
         assert e["neighbours"][0]["distance"] <= e["neighbours"][1]["distance"]
         assert e["neighbours"][0]["text"]
+        assert e["neighbours"][0]["source"].startswith("file:")  # a file of the expert's corpus
+    shown = CliRunner().invoke(app, ["explain", str(sample), "--registry", str(registry), "--index",
+                                     str(tmp_path / "idx"), "--k", "1"], env={"COLUMNS": "250"})
+    nb = first["experts"]["code"]["neighbours"][0]
+    assert shown.exit_code == 0 and f"{nb['source']} (chunk {nb['part'] + 1})" in shown.stdout
 
 
 def test_cli_bench_routing(registry, tiny_corpus):
