@@ -52,6 +52,10 @@ if [[ $stage == data || $stage == train || $stage == all ]]; then
     --tokenizer "$TOKENIZER" --max-tokens 5000000
   [[ -d $CIR_HOME/datasets/gpu-prose ]] || route-cli data build gpu-prose --source python-prose \
     --tokenizer "$TOKENIZER" --max-tokens 5000000
+  # how unseen the unseen code documents are: their 16-grams found in training (once per corpus)
+  [[ -f $CIR_HOME/overlap-gpu-code.json ]] || route-cli data overlap gpu-code --split test -n 16 \
+    --top 25 --json > "$CIR_HOME/overlap-gpu-code.json"
+  cp "$CIR_HOME/overlap-gpu-code.json" "$OUT/overlap.json"
   echo "data built in $((SECONDS - t_data))s"
 fi
 

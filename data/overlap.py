@@ -1,0 +1,108 @@
+"""How unseen are held-out documents? Token n-gram overlap between two splits.
+
+Splitting by document keeps a document out of training, not its copies: a vendored module,
+a licence header, generated code. ``split_overlap`` hashes every token n-gram of the
+reference split (train by default) and reports which share of a held-out split's n-grams
+occur there, pooled and per document (with the dataset's document index), naming the
+documents that are mostly seen already. N-grams are taken within chunks (a chunk's last
+``n - 1`` tokens start none); the 64-bit polynomial hash makes a collision between two
+different n-grams about 2^-64 likely per pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier; arithmetic wraps mod 2^64
+BATCH = 4096
+
+
+def ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """Hashes ``uint64 [max(L - n + 1, 0)]`` of the n-grams of one token sequence ``[L]``."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ids = np.asarray(ids).astype(np.uint64)
+    m = len(ids) - n + 1
+    if m <= 0:
+        return np.zeros(0, np.uint64)
+    h = np.zeros(m, np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            h = h * _BASE + ids[j : j + m] + np.uint64(1)
+    return h
+
+
+def _batch_hashes(ids: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """N-gram hashes of a batch of chunks ``ids [B, T]`` with ``lengths [B]``: hashes
+    ``uint64 [B, T - n + 1]`` and which of them lie inside the chunk (``bool``, same shape)."""
+    b, t = ids.shape
+    m = max(t - n + 1, 0)
+    h = np.zeros((b, m), np.uint64)
+    ids = ids.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            h = h * _BASE + ids[:, j : j + m] + np.uint64(1)
+    valid = np.arange(m)[None, :] < (lengths.astype(np.int64) - n + 1)[:, None]  # [B, m]
+    return h, valid
+
+
+def _batches(data: Any, n: int, on_batch: Callable[[int], None] | None):
+    """``(first chunk index, hashes [B, m], valid [B, m])`` over ``data`` in batches."""
+    for start in range(0, len(data), BATCH):
+        stop = min(len(data), start + BATCH)
+        h, valid = _batch_hashes(np.asarray(data.ids[start:stop]), np.asarray(data.lengths[start:stop]), n)
+        yield start, h, valid
+        if on_batch is not None:
+            on_batch(stop - start)
+
+
+def split_overlap(
+    held_out: Any, reference: Any, n: int = 16, top: int = 10,
+    thresholds: tuple[float, ...] = (0.5, 0.9),
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Share of ``held_out``'s token n-grams that occur in ``reference`` (two
+    ``ChunkDataset`` splits), pooled and per document.
+
+    Returns ``ngrams`` / ``found`` / ``share`` pooled over the held-out chunks, and with a
+    document index ``documents``: their count, how many have at least each threshold of
+    their n-grams in the reference (``over``), the mean per-document share, and the ``top``
+    documents by share (``id``, ``ngrams``, ``share``)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    # unique per batch first: the reference's n-grams repeat (licence headers, idioms)
+    seen = np.unique(np.concatenate([np.unique(h[valid]) for _, h, valid in
+                                     _batches(reference, n, on_batch)] or [np.zeros(0, np.uint64)]))
+    per_chunk = np.zeros((len(held_out), 2), np.int64)  # [C, (ngrams, found)]
+    for start, h, valid in _batches(held_out, n, on_batch):
+        hit = np.zeros_like(valid)
+        if len(seen):
+            pos = np.minimum(np.searchsorted(seen, h), len(seen) - 1)
+            hit = (seen[pos] == h) & valid
+        per_chunk[start : start + len(h)] = np.stack([valid.sum(1), hit.sum(1)], axis=1)
+    total, found = per_chunk.sum(0)
+    out: dict[str, Any] = {
+        "n": n, "reference_ngrams": int(len(seen)), "chunks": len(held_out),
+        "ngrams": int(total), "found": int(found), "share": float(found / total) if total else None,
+    }
+    index = held_out.documents() if hasattr(held_out, "documents") else None
+    if index is None:
+        out["documents"] = None
+        return out
+    doc = index.of_chunks(np.arange(len(held_out)))  # [C]
+    grams = np.bincount(doc, weights=per_chunk[:, 0], minlength=len(index)).astype(np.int64)
+    hits = np.bincount(doc, weights=per_chunk[:, 1], minlength=len(index)).astype(np.int64)
+    has = np.nonzero(grams)[0]  # documents long enough for one n-gram
+    share = hits[has] / grams[has]
+    order = np.lexsort((-grams[has], -share))[:top]  # most seen first, longer first on ties
+    out["documents"] = {
+        "count": len(index), "with_ngrams": len(has),
+        "mean_share": float(share.mean()) if len(has) else None,
+        "over": {str(t): int((share >= t).sum()) for t in thresholds},
+        "top": [{"id": index.ids[has[i]], "ngrams": int(grams[has[i]]), "share": float(share[i])}
+                for i in order],
+    }
+    return out
