@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from cir.cli.main import app
-from cir.data.overlap import _batch_hashes, ngram_hashes, split_overlap
+from cir.data.overlap import _batch_hashes, _distinct, ngram_hashes, split_overlap
 from cir.data.shards import build_dataset, open_dataset
 from cir.data.split import split_of
 from typer.testing import CliRunner
@@ -27,6 +27,9 @@ def test_ngram_hashes_match_per_chunk_and_tell_ngrams_apart():
     assert len(ngram_hashes(seq[:3], 6)) == 0
     with pytest.raises(ValueError):
         ngram_hashes(seq, 0)
+    x = ngram_hashes(seq, 3)
+    np.testing.assert_array_equal(_distinct(x), np.unique(x))
+    assert len(_distinct(x[:0])) == 0
 
 
 def _reference(held, ref, n):
