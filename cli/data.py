@@ -79,7 +79,9 @@ def _render_info(info: dict[str, Any]) -> None:
     console.print(f"[bold]{info['name']}[/]  {info['path']}")
     console.print(
         f"source {info['source']}  seq_len {info['seq_len']}  vocab {info['vocab_size']} ({info['dtype']})  "
-        f"{'packed' if info['pack'] else 'per-document'}  tokenizer {info['tokenizer_sha256'][:12]}  "
+        f"{'packed' if info['pack'] else 'per-document'}"
+        f"{'' if info['pack'] or info['document_index'] else ' (no document index: rebuild for one)'}"
+        f"  tokenizer {info['tokenizer_sha256'][:12]}  "
         f"{'stopped at --max-tokens  ' if info['truncated'] else ''}built {info['created_at']}",
         highlight=False,
     )

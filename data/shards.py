@@ -550,6 +550,8 @@ def dataset_summary(name_or_path: str | os.PathLike) -> dict[str, Any]:
     held = [manifest["splits"][s] for s in ("val", "test")]
     held_tokens = sum(s["tokens"] for s in held)
     manifest["heldout_bytes_per_token"] = sum(s["bytes"] for s in held) / held_tokens if held_tokens else None
+    # per-document datasets built before the index read fine without it
+    manifest["document_index"] = all((root / f"{s}{DOCS_SUFFIX}").is_file() for s in SPLITS)
     manifest["path"] = str(root)
     return manifest
 

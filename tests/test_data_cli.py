@@ -33,6 +33,14 @@ def test_build_and_info_json(tiny_corpus, tiny_tokenizer):
                               for k, v in manifest["splits"].items()}
     train = info["splits"]["train"]
     assert train["bytes_per_token"] == train["bytes"] / train["tokens"]
+    def wide_info() -> str:  # the line holds a tmp path: no wrapping inside the phrase
+        return " ".join(runner.invoke(app, ["data", "info", "code"], env={"COLUMNS": "400"}).stdout.split())
+
+    assert info["document_index"] is True and "no document index" not in wide_info()
+    (datasets_dir() / "code" / "val.docs.jsonl").rename(datasets_dir() / "val.docs.jsonl")
+    assert json.loads(_invoke("info", "code", "--json").stdout)["document_index"] is False
+    assert "no document index: rebuild for one" in wide_info()
+    (datasets_dir() / "val.docs.jsonl").rename(datasets_dir() / "code" / "val.docs.jsonl")
 
     listed = json.loads(_invoke("list", "--json").stdout)
     assert listed == ["code"]
