@@ -22,17 +22,9 @@ BATCH = 4096
 
 def ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
     """Hashes ``uint64 [max(L - n + 1, 0)]`` of the n-grams of one token sequence ``[L]``."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    ids = np.asarray(ids).astype(np.uint64)
-    m = len(ids) - n + 1
-    if m <= 0:
-        return np.zeros(0, np.uint64)
-    h = np.zeros(m, np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(n):
-            h = h * _BASE + ids[j : j + m] + np.uint64(1)
-    return h
+    ids = np.asarray(ids).reshape(1, -1)
+    h, valid = _batch_hashes(ids, np.array([ids.shape[1]]), n)
+    return h[valid]
 
 
 def _distinct(x: np.ndarray) -> np.ndarray:
@@ -45,6 +37,8 @@ def _distinct(x: np.ndarray) -> np.ndarray:
 def _batch_hashes(ids: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """N-gram hashes of a batch of chunks ``ids [B, T]`` with ``lengths [B]``: hashes
     ``uint64 [B, T - n + 1]`` and which of them lie inside the chunk (``bool``, same shape)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
     b, t = ids.shape
     m = max(t - n + 1, 0)
     h = np.zeros((b, m), np.uint64)
@@ -78,7 +72,7 @@ def split_overlap(
     document index ``documents``: their count, how many have at least each threshold of
     their n-grams in the reference (``over``), the mean per-document share, and the ``top``
     documents by share (``id``, ``ngrams``, ``share``)."""
-    if n < 1:
+    if n < 1:  # before reading anything
         raise ValueError(f"n must be >= 1, got {n}")
     # unique per batch first: the reference's n-grams repeat (licence headers, idioms)
     seen = _distinct(np.concatenate([_distinct(h[valid]) for _, h, valid in
