@@ -186,6 +186,10 @@ def eval_cmd(
     other = split if ood_split is None else ood_split
     datasets = {name: _open_eval_data(name, other if i else split, model)
                 for i, name in enumerate(data)}
+    if worst:  # a broken document index fails here, before any scoring
+        for d in datasets.values():
+            if hasattr(d, "documents"):
+                d.documents()
     total = sum(min(len(d), max_chunks or len(d)) for d in datasets.values())
     with progress(disable=as_json or markdown) as bar:
         task = bar.add_task("score", total=total, info="")

@@ -202,3 +202,25 @@ def test_cli_eval_worst_documents(tiny_dataset, tmp_path):
     assert bad.exit_code != 0 and "--worst-by must be tra or errors" in bad.output
     md = CliRunner().invoke(app, [*args, "--markdown"])
     assert md.exit_code == 0 and md.stdout.count(f"| {docs['worst'][0]['id']} |") == 1
+
+
+def test_cli_eval_worst_with_a_broken_index_fails_before_scoring(tiny_dataset, tmp_path):
+    import shutil
+
+    from cir.compressor.model import Compressor, CompressorConfig
+
+    from cir.checkpoint import save_checkpoint
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    (data / "test.docs.jsonl").write_text('{"id": "file:a.py", "chunks": 1}\n')  # too few
+    manifest = json.loads((data / "manifest.json").read_text())
+    save_checkpoint(tmp_path / "m", Compressor(CompressorConfig.from_name(
+        "debug", vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"])))
+    res = CliRunner().invoke(app, ["compressor", "eval", str(tmp_path / "m"), "--data", str(data),
+                                   "--worst", "2", "--no-baseline"])
+    assert res.exit_code != 0 and "test.docs.jsonl: indexes 1 chunks" in res.output
+    assert "score" not in res.output  # failed before the scoring progress started
+    ok = CliRunner().invoke(app, ["compressor", "eval", str(tmp_path / "m"), "--data", str(data),
+                                  "--no-baseline", "--json"])
+    assert ok.exit_code == 0  # without --worst the index is not read
