@@ -362,11 +362,25 @@ def _resume(
     return step, state.get("warm_start")  # absent in runs saved before warm starts
 
 
+# model config fields that change how a model trains, not what its weights mean: a warm
+# start may change them (e.g. continue with dropout)
+TRAINING_ONLY_FIELDS = ("dropout",)
+
+
+def same_weights_config(saved: Any, current: Any) -> bool:
+    """Whether weights saved under config ``saved`` mean the same in a model of config
+    ``current``: equal but for ``TRAINING_ONLY_FIELDS``."""
+    if type(saved) is not type(current) or not dataclasses.is_dataclass(saved):
+        return saved == current
+    keep = {f: getattr(current, f) for f in TRAINING_ONLY_FIELDS if hasattr(saved, f)}
+    return dataclasses.replace(saved, **keep) == current
+
+
 def _init_weights(init_from: str | Path, model: nn.Module, cfg: TrainConfig) -> int:
     """Load the weights of ``init_from`` (a checkpoint directory or a ``.safetensors``
     file) into ``model``; return the step they were saved at (0 when they do not say)."""
     path, weights = Path(init_from), weights_file(init_from)
-    if path.is_dir() and read_config(path)[1] != unwrap(model).config:
+    if path.is_dir() and not same_weights_config(read_config(path)[1], unwrap(model).config):
         raise CheckpointError(f"{path}: a different model config than this run's")
     step = saved_step(weights)
     if step >= cfg.steps:

@@ -25,6 +25,8 @@
 #   scripts/weight_parts.py split` packs a checkpoint into compressed bf16 parts (<= 16 MB
 #   each) that travel in pieces; INIT_FROM=<parts or checkpoint dir> starts `train` from
 #   them with a fresh optimizer, the learning rate re-warmed over the warmup steps.
+#   DROPOUT=p trains with dropout p (a warm start may turn it on; keep it for every call
+#   of one run: a resumed run must have its model config).
 #   Stage `parts` brings the checkpoint back in such parts: PARTS=0-3 copies parts 0 to 3
 #   and manifest.json to $OUT (split once per checkpoint step into $PARTS_DIR), PARTS=4-7
 #   in a second call (files back from a call: 64 MiB in all).
@@ -71,7 +73,7 @@ if [[ $stage == train || $stage == all ]]; then
   python3 -c 'import json, sys; print(json.dumps({n: json.load(open(f"/tmp/data_{n}.json"))
     for n in sys.argv[1:]}, indent=1))' code docs prose > "$OUT/data.json"
   STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK SCHEDULE=$SCHEDULE DECAY_STEPS=$DECAY_STEPS \
-    CONSTANT_STEPS=${CONSTANT_STEPS:-0} INIT_FROM=$INIT_FROM python3 -P - <<'PY'
+    CONSTANT_STEPS=${CONSTANT_STEPS:-0} INIT_FROM=$INIT_FROM DROPOUT=${DROPOUT:-} python3 -P - <<'PY'
 import json, os, time
 from cir.compressor.train import default_train_config, train_compressor
 from cir.train import plan_decay
@@ -89,8 +91,9 @@ t0 = time.time()
 def show(r):
     if r["event"] == "train" and r["step"] % 500 == 0 or r["event"] == "eval":
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+drop = {"dropout": float(os.environ["DROPOUT"])} if os.environ["DROPOUT"] else None
 res = train_compressor("gpu-code", os.environ["CK"], preset="paper", train_cfg=cfg, on_log=show,
-                       init_from=init)
+                       init_from=init, overrides=drop)
 print(json.dumps({"steps": res.step, "stopped_early": res.stopped_early, "wall_s": time.time() - t0,
                   "last": res.last, "last_eval": res.last_eval}))
 PY

@@ -213,3 +213,22 @@ def test_document_errors_match_a_per_document_reference(trained):
     assert most["worst_error_share"] == pytest.approx(sum(wrong[d] for d in top) / sum(wrong.values()))
     with pytest.raises(ValueError, match="by must be one of tra, errors"):
         document_errors(row, data, by="loss")
+
+
+def test_warm_start_may_change_dropout_not_the_architecture(trained, tmp_path):
+    """Dropout changes how a model trains, not what its weights mean: a warm start may
+    turn it on; a config that changes the weights' shapes is still refused."""
+    from cir.checkpoint import CheckpointError
+
+    out, result, _ = trained
+    logs: list[dict] = []
+    res = train_compressor(Chunks(256), tmp_path / "drop", preset="debug",
+                           train_cfg=_cfg(steps=result.step + 20), overrides={"dropout": 0.1},
+                           init_from=out, on_log=logs.append)
+    assert res.resumed_from == result.step and res.step == result.step + 20
+    assert logs[0]["event"] == "warm_start"
+    assert load_checkpoint(tmp_path / "drop").config.dropout == 0.1
+    with pytest.raises(CheckpointError, match="different model config"):
+        train_compressor(Chunks(256), tmp_path / "wide", preset="debug",
+                         train_cfg=_cfg(steps=result.step + 20), overrides={"d_ff": 128},
+                         init_from=out)
