@@ -562,11 +562,10 @@ def sample_chunks(name_or_path: str | os.PathLike, split: str = "val", n: int = 
     ds = ChunkDataset(resolve_dataset(name_or_path), split)
     tok = load_tokenizer(ds.tokenizer_path)
     picks = np.random.default_rng(seed).choice(len(ds), size=min(n, len(ds)), replace=False)
-    index = ds.documents()
     out = []
     for i in sorted(int(p) for p in picks):
         length = int(ds.lengths[i])
         text = tok.decode([int(t) for t in ds.ids[i, :length]], skip_special_tokens=False)
-        doc = None if index is None else index.ids[int(index.of_chunks([i])[0])]
-        out.append({"index": i, "length": length, "document": doc, "text": text})
+        out.append({"index": i, "length": length, "document": ds.chunk_info(i).get("source"),
+                    "text": text})
     return out
