@@ -30,7 +30,8 @@ def _train_info(rec: dict[str, Any]) -> str:
 @compressor_app.command("train")
 @handle_errors
 def train_cmd(
-    data: str = typer.Option(..., "--data", help="Dataset name or directory (route-cli data build)."),
+    data: list[str] = typer.Option(..., "--data", help="Dataset name or directory (route-cli "
+                                   "data build); repeat it to train on several together."),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory (re-run to resume)."),
     preset: str = typer.Option("small", help="debug | small | base | paper"),
     steps: int | None = typer.Option(None, help="Optimizer steps (default: the preset's)."),
@@ -57,6 +58,9 @@ def train_cmd(
     """Train a compressor on a chunk dataset; re-running the same command resumes.
 
     Example: route-cli compressor train --data python-code --out runs/cmp --preset small
+
+    Several corpora built with one tokenizer, sampled in proportion to their chunks:
+    route-cli compressor train --data python-code --data my-code --out runs/cmp2
 
     Continue another machine's run from its weights alone (scripts/weight_parts.py join):
     route-cli compressor train --data python-code --out runs/cmp2 --preset paper

@@ -172,6 +172,9 @@ def overlap_cmd(
     name: str = typer.Argument(..., help="Dataset name (under $CIR_HOME/datasets) or directory."),
     split: str = typer.Option("test", help="Held-out split to check: val | test."),
     against: str = typer.Option("train", help="Split whose n-grams count as seen."),
+    also: list[str] = typer.Option([], "--also", help="Another dataset (same tokenizer) whose "
+                                   "--against split counts as seen too: a corpus trained on "
+                                   "together with NAME. Repeatable."),
     n: int = typer.Option(16, "-n", min=1, help="Tokens per n-gram."),
     top: int = typer.Option(10, "--top", min=0, help="Most-seen documents to list."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -182,23 +185,28 @@ def overlap_cmd(
     headers, generated code); this measures what is left.
 
     Example: route-cli data overlap pycode --split test -n 16 --top 10
+
+    With a second corpus trained on as well: route-cli data overlap pycode --also more-code
     """
     from cir.data.overlap import split_overlap
-    from cir.data.shards import ChunkDataset, resolve_dataset
+    from cir.data.shards import ChunkDataset, ConcatChunks, resolve_dataset
 
     if split == against:
         raise typer.BadParameter(f"--split and --against are both {split!r}")
     root = resolve_dataset(name)
-    held, ref = ChunkDataset(root, split), ChunkDataset(root, against)
+    held = ChunkDataset(root, split)
+    refs = [ChunkDataset(r, against) for r in [root, *(resolve_dataset(a) for a in also)]]
+    ref = refs[0] if len(refs) == 1 else ConcatChunks(refs)
+    seen_in = " + ".join([against, *(f"{a}:{against}" for a in also)])
     with progress(disable=as_json) as bar:
-        task = bar.add_task("n-grams", total=len(held) + len(ref), info=f"{against} then {split}")
+        task = bar.add_task("n-grams", total=len(held) + len(ref), info=f"{seen_in} then {split}")
         res = split_overlap(held, ref, n=n, top=top, on_batch=lambda k: bar.advance(task, k))
     if as_json:
-        print_json({"dataset": str(root), "split": split, "against": against, **res})
+        print_json({"dataset": str(root), "split": split, "against": against, "also": also, **res})
         return
     share = "-" if res["share"] is None else f"{100 * res['share']:.2f}%"
     console.print(f"{split}: {res['ngrams']:,} {n}-grams in {res['chunks']:,} chunks, "
-                  f"{share} of them in {against} ({res['reference_ngrams']:,} distinct)")
+                  f"{share} of them in {seen_in} ({res['reference_ngrams']:,} distinct)")
     docs = res["documents"]
     if docs is None:
         console.print("[dim]no document index (a packed dataset, or built before indexes): "
@@ -212,7 +220,7 @@ def overlap_cmd(
         table = Table(title=f"most-seen {split} documents")
         table.add_column("document", overflow="fold")
         table.add_column("n-grams", justify="right")
-        table.add_column(f"in {against}", justify="right")
+        table.add_column(f"in {seen_in}", justify="right")
         for d in docs["top"]:
             table.add_row(d["id"], f"{d['ngrams']:,}", f"{100 * d['share']:.1f}%")
         console.print(table)

@@ -51,15 +51,25 @@ def default_train_config(preset: str, **overrides: Any) -> TrainConfig:
 
 
 def open_split(data: Any, split: str) -> Any:
-    """``data`` as a ``ChunkDataset``: opened by name or directory, or returned as is."""
+    """``data`` as a ``ChunkDataset``: opened by name or directory, or returned as is; a
+    list or tuple of names or directories is their ``split``s end to end (``ConcatChunks``)."""
+    from cir.data.shards import ConcatChunks, open_dataset
+
+    if isinstance(data, (list, tuple)):
+        if len(data) == 1:
+            return open_split(data[0], split)
+        return ConcatChunks([open_split(d, split) for d in data], split=split)
     if not isinstance(data, (str, Path)):
         return data
-    from cir.data.shards import open_dataset
-
     return open_dataset(str(data), split)
 
 
 def _val_split(data: Any) -> Any:
+    from cir.data.shards import ConcatChunks
+
+    if isinstance(data, (list, tuple)):
+        parts = [v for v in (_val_split(d) for d in data) if v is not None]
+        return None if not parts else parts[0] if len(parts) == 1 else ConcatChunks(parts, split="val")
     if not isinstance(data, (str, Path)):
         return None
     try:
@@ -110,7 +120,8 @@ def train_compressor(
     init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train a ``preset`` compressor on ``data`` (dataset name, directory or opened
-    ``ChunkDataset``); validation on its ``val`` split when there is one. ``stop_at``
+    ``ChunkDataset``, or a list of names or directories trained on together); validation
+    on their ``val`` splits when there are any. ``stop_at``
     ends early after that step, checkpoint included (as a kill would). ``loss_fraction``
     takes the training loss on that share of positions (default: the preset's); keep it
     the same when resuming. ``init_from``: continue from a checkpoint's weights with a

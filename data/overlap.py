@@ -54,7 +54,8 @@ def _batches(data: Any, n: int, on_batch: Callable[[int], None] | None):
     """``(first chunk index, hashes [B, m], valid [B, m])`` over ``data`` in batches."""
     for start in range(0, len(data), BATCH):
         stop = min(len(data), start + BATCH)
-        h, valid = _batch_hashes(np.asarray(data.ids[start:stop]), np.asarray(data.lengths[start:stop]), n)
+        ids, mask = data.get_batch(np.arange(start, stop))  # [B, T] each
+        h, valid = _batch_hashes(ids.numpy(), mask.sum(1).numpy(), n)
         yield start, h, valid
         if on_batch is not None:
             on_batch(stop - start)
@@ -65,8 +66,9 @@ def split_overlap(
     thresholds: tuple[float, ...] = (0.5, 0.9),
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Share of ``held_out``'s token n-grams that occur in ``reference`` (two
-    ``ChunkDataset`` splits), pooled and per document.
+    """Share of ``held_out``'s token n-grams that occur in ``reference`` (two chunk
+    datasets, e.g. ``ChunkDataset`` splits; the reference may be a ``ConcatChunks`` of
+    every corpus a model trains on), pooled and per document.
 
     Returns ``ngrams`` / ``found`` / ``share`` pooled over the held-out chunks, and with a
     document index ``documents``: their count, how many have at least each threshold of

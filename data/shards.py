@@ -428,45 +428,55 @@ class ChunkDataset:
         return ids, mask
 
 
-class AllSplits:
-    """Every chunk of a built dataset, train then val then test, as one dataset (split
-    ``"all"``): for scoring a corpus a model never trained on, where every chunk is fair."""
+class ConcatChunks:
+    """Chunk datasets end to end, as one (chunk ``i`` of the second follows the first's
+    last): several corpora trained on together, or the splits of one. They must share
+    ``seq_len``, vocabulary and tokenizer; ``root`` and ``manifest`` are the first's."""
 
-    split = "all"
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.parts = [ChunkDataset(root, s) for s in SPLITS]
-        first = self.parts[0]
+    def __init__(self, parts: list[Any], split: str | None = None) -> None:
+        if not parts:
+            raise ValueError("ConcatChunks needs at least one dataset")
+        first = parts[0]
+        for part in parts[1:]:
+            if (part.seq_len, part.vocab_size) != (first.seq_len, first.vocab_size):
+                raise ValueError(
+                    f"cannot join {_label(part)} (seq_len {part.seq_len}, vocab {part.vocab_size}) "
+                    f"to {_label(first)} (seq_len {first.seq_len}, vocab {first.vocab_size})"
+                )
+            if part.manifest.get("tokenizer_sha256") != first.manifest.get("tokenizer_sha256"):
+                raise ValueError(f"cannot join {_label(part)} to {_label(first)}: built with different tokenizers")
+        self.parts = list(parts)
+        self.split = split if split is not None else first.split
         self.root, self.manifest = first.root, first.manifest
         self.seq_len, self.vocab_size = first.seq_len, first.vocab_size
-        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # [len(SPLITS) + 1]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # [len(parts) + 1]
 
     @property
-    def tokenizer_path(self) -> Path:
+    def tokenizer_path(self) -> Path | None:
         return self.parts[0].tokenizer_path
 
     def documents(self) -> DocumentIndex | None:
-        """Train, val and test's document indexes end to end (None if one is missing)."""
+        """The parts' document indexes end to end (None if one is missing)."""
         if not hasattr(self, "_documents"):
             parts = [p.documents() for p in self.parts]
             self._documents = None if any(p is None for p in parts) else DocumentIndex.concat(parts)
         return self._documents
 
     def chunk_info(self, i: int) -> dict[str, Any]:
-        """As ``ChunkDataset.chunk_info``, over the joined splits."""
+        """As ``ChunkDataset.chunk_info``, over the joined parts."""
         return _chunk_info(self.documents(), i)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def __repr__(self) -> str:
-        return f"AllSplits({str(self.root)!r}, chunks={len(self)}, seq_len={self.seq_len})"
+        return f"{type(self).__name__}({', '.join(_label(p) for p in self.parts)}, chunks={len(self)})"
 
     def get_batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"chunk index out of range for {len(self)} chunks")
-        part = np.searchsorted(self.offsets, idx, side="right") - 1  # [B] which split
+        part = np.searchsorted(self.offsets, idx, side="right") - 1  # [B] which part
         ids = torch.zeros(len(idx), self.seq_len, dtype=torch.long)  # [B, T]
         mask = torch.zeros(len(idx), self.seq_len, dtype=torch.bool)  # [B, T]
         for p, ds in enumerate(self.parts):
@@ -474,6 +484,18 @@ class AllSplits:
             if len(sel):
                 ids[sel], mask[sel] = ds.get_batch(idx[sel] - self.offsets[p])
         return ids, mask
+
+
+def _label(ds: Any) -> str:
+    return f"{getattr(ds, 'root', ds.manifest.get('name', '?'))}:{ds.split}"
+
+
+class AllSplits(ConcatChunks):
+    """Every chunk of a built dataset, train then val then test, as one dataset (split
+    ``"all"``): for scoring a corpus a model never trained on, where every chunk is fair."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        super().__init__([ChunkDataset(root, s) for s in SPLITS], split="all")
 
 
 class RandomChunks:

@@ -27,6 +27,13 @@
 #   them with a fresh optimizer, the learning rate re-warmed over the warmup steps.
 #   DROPOUT=p trains with dropout p (a warm start may turn it on; keep it for every call
 #   of one run: a resumed run must have its model config).
+#   EXTRA_CODE=<dir> adds code carried in (scripts/extra_code.py: `.py` files of PyPI wheels,
+#   one directory per top-level package): packages this machine already has are dropped
+#   (their other versions would be near-copies of its test documents), the rest is built as
+#   the dataset gpu-extra, `train` samples gpu-code and gpu-extra together, `overlap.json`
+#   counts the test 16-grams found in either training split, and `eval` scores gpu-extra's
+#   unseen documents on their own (tra_extra.json; gpu-code's row in tra.json stays
+#   comparable with runs without).
 #   Stage `parts` brings the checkpoint back in such parts: PARTS=0-3 copies parts 0 to 3
 #   and manifest.json to $OUT (split once per checkpoint step into $PARTS_DIR), PARTS=4-7
 #   in a second call (files back from a call: 64 MiB in all).
@@ -44,7 +51,25 @@ SCHEDULE=${SCHEDULE:-wsd}
 DECAY_STEPS=${DECAY_STEPS:-0}
 EVAL_RESERVE_S=${EVAL_RESERVE_S:-40}
 MAX_TOKENS=${MAX_TOKENS:-80000000}
+EXTRA_CODE=${EXTRA_CODE:-}
+TRAIN_DATA=gpu-code
+if [[ -n $EXTRA_CODE ]]; then TRAIN_DATA=gpu-code,gpu-extra; fi
 export COLUMNS=140
+
+drop_known_packages() {  # $1: extra code, one entry per top-level package
+  python3 -P - "$1" <<'PY'
+import shutil, sys
+from pathlib import Path
+from cir.data.sources import python_roots
+here = {p.name.removesuffix(".py").lower() for _, root in python_roots() for p in root.iterdir()}
+dropped = []
+for p in sorted(Path(sys.argv[1]).iterdir()):
+    if p.name.removesuffix(".py").lower() in here:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        dropped.append(p.name)
+print(f"extra code: dropped {len(dropped)} packages this machine has: {' '.join(dropped)}")
+PY
+}
 
 if [[ $stage == data || $stage == train || $stage == all ]]; then
   t_data=$SECONDS
@@ -54,10 +79,22 @@ if [[ $stage == data || $stage == train || $stage == all ]]; then
     --tokenizer "$TOKENIZER" --max-tokens 5000000
   [[ -d $CIR_HOME/datasets/gpu-prose ]] || route-cli data build gpu-prose --source python-prose \
     --tokenizer "$TOKENIZER" --max-tokens 5000000
-  # how unseen the unseen code documents are: their 16-grams found in training (once per corpus)
-  [[ -f $CIR_HOME/overlap-gpu-code.json ]] || route-cli data overlap gpu-code --split test -n 16 \
-    --top 25 --json > "$CIR_HOME/overlap-gpu-code.json"
-  cp "$CIR_HOME/overlap-gpu-code.json" "$OUT/overlap.json"
+  also=()
+  if [[ -n $EXTRA_CODE && ! -d $CIR_HOME/datasets/gpu-extra ]]; then
+    drop_known_packages "$EXTRA_CODE"
+    route-cli data build gpu-extra --source "$EXTRA_CODE" --tokenizer "$TOKENIZER" \
+      --max-tokens "$MAX_TOKENS"
+  fi
+  if [[ -n $EXTRA_CODE ]]; then also=(--also gpu-extra); fi
+  # how unseen the unseen code documents are: their 16-grams found in training (once per
+  # corpus; on a spare core, beside training)
+  overlap=$CIR_HOME/overlap-gpu-code${EXTRA_CODE:+-extra}.json
+  if [[ ! -f $overlap ]]; then
+    (route-cli data overlap gpu-code --split test -n 16 --top 25 "${also[@]}" --json > "$overlap.tmp" \
+      && mv "$overlap.tmp" "$overlap" && cp "$overlap" "$OUT/overlap.json") &
+  else
+    cp "$overlap" "$OUT/overlap.json"
+  fi
   echo "data built in $((SECONDS - t_data))s"
 fi
 
@@ -69,10 +106,12 @@ if [[ $stage == train || $stage == all ]]; then
   fi
   if [[ -n ${DEADLINE_S:-} ]]; then WALL_S=$((DEADLINE_S - SECONDS - EVAL_RESERVE_S)); fi
   echo "training for at most ${WALL_S}s"
-  for d in code docs prose; do route-cli data info gpu-$d --json > /tmp/data_$d.json; done
+  sets=(code docs prose)
+  if [[ -n $EXTRA_CODE ]]; then sets+=(extra); fi
+  for d in "${sets[@]}"; do route-cli data info gpu-$d --json > /tmp/data_$d.json; done
   python3 -c 'import json, sys; print(json.dumps({n: json.load(open(f"/tmp/data_{n}.json"))
-    for n in sys.argv[1:]}, indent=1))' code docs prose > "$OUT/data.json"
-  STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK SCHEDULE=$SCHEDULE DECAY_STEPS=$DECAY_STEPS \
+    for n in sys.argv[1:]}, indent=1))' "${sets[@]}" > "$OUT/data.json"
+  TRAIN_DATA=$TRAIN_DATA STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK SCHEDULE=$SCHEDULE DECAY_STEPS=$DECAY_STEPS \
     CONSTANT_STEPS=${CONSTANT_STEPS:-0} INIT_FROM=$INIT_FROM DROPOUT=${DROPOUT:-} python3 -P - <<'PY'
 import json, os, time
 from cir.compressor.train import default_train_config, train_compressor
@@ -92,7 +131,7 @@ def show(r):
     if r["event"] == "train" and r["step"] % 500 == 0 or r["event"] == "eval":
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
 drop = {"dropout": float(os.environ["DROPOUT"])} if os.environ["DROPOUT"] else None
-res = train_compressor("gpu-code", os.environ["CK"], preset="paper", train_cfg=cfg, on_log=show,
+res = train_compressor(os.environ["TRAIN_DATA"].split(","), os.environ["CK"], preset="paper", train_cfg=cfg, on_log=show,
                        init_from=init, overrides=drop)
 print(json.dumps({"steps": res.step, "stopped_early": res.stopped_early, "wall_s": time.time() - t0,
                   "last": res.last, "last_eval": res.last_eval}))
@@ -100,8 +139,8 @@ PY
   cp "$CK/metrics.jsonl" "$OUT/metrics.jsonl"
   # the table now, in case the machine is gone before `eval`; EVAL_RESERVE_S=0 leaves no time for it
   if [[ $stage == train && $EVAL_RESERVE_S -gt 0 ]]; then
-    route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
-      --split test --device cuda --batch-size 128 --max-chunks 2000 --json > "$OUT/tra_quick.json" || true
+    route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data gpu-prose \
+      --data random --split test --device cuda --batch-size 128 --max-chunks 2000 --json > "$OUT/tra_quick.json" || true
   fi
 fi
 
@@ -109,8 +148,12 @@ if [[ $stage == eval || $stage == all ]]; then
   t_eval=$SECONDS
   # held-out code documents; every chunk of docs and prose (never trained on); the 25
   # documents of each with the most wrong tokens and their share of the errors
-  route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
-    --split test --ood-split all --device cuda --batch-size 128 --worst 25 --worst-by errors --json > "$OUT/tra.json"
+  route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data gpu-prose \
+    --data random --split test --ood-split all --device cuda --batch-size 128 --worst 25 --worst-by errors --json > "$OUT/tra.json"
+  if [[ -n $EXTRA_CODE ]]; then  # in-domain too: its unseen documents, on their own
+    route-cli compressor eval "$CK" --data gpu-extra --split test --device cuda --batch-size 128 \
+      --worst 25 --worst-by errors --json > "$OUT/tra_extra.json"
+  fi
   echo "TRA table in $((SECONDS - t_eval))s"
   route-cli analyze plot --compressor "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
     --method pca --method umap --method tsne --max-chunks 400 --device cuda --out /tmp/plots --json > "$OUT/latents.json"
@@ -135,3 +178,4 @@ if [[ $stage == parts ]]; then
   cp "$PARTS_DIR/manifest.json" "$OUT/"
   echo "parts $range of step $step in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 fi
+wait  # the overlap count, when it runs beside training

@@ -6,9 +6,9 @@
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 SITE=${CIR_GPU_SITE:-/tmp/cir-site}
-python3 -m pip install -q --no-deps --no-index --no-build-isolation --target "$SITE" . >/dev/null
+python3 -m pip install -q --upgrade --no-deps --no-index --no-build-isolation --target "$SITE" . >/dev/null
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-deps --no-index --no-compile --target "$SITE" .whl/*.whl >/dev/null
+  python3 -m pip install -q --upgrade --no-deps --no-index --no-compile --target "$SITE" .whl/*.whl >/dev/null
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$SITE/bin:$PATH"

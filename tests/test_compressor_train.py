@@ -232,3 +232,24 @@ def test_warm_start_may_change_dropout_not_the_architecture(trained, tmp_path):
         train_compressor(Chunks(256), tmp_path / "wide", preset="debug",
                          train_cfg=_cfg(steps=result.step + 20), overrides={"d_ff": 128},
                          init_from=out)
+
+
+def test_trains_on_several_datasets(tiny_dataset, tiny_prose_dataset, tmp_path):
+    """`--data A --data B`: one run over both corpora (validated on both val splits); a
+    list of one is that dataset."""
+    from cir.compressor.train import _val_split, open_split
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["compressor", "train", "--data", str(tiny_dataset), "--data",
+                              str(tiny_prose_dataset), "--out", str(tmp_path / "both"),
+                              "--preset", "debug", "--steps", "3", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["step"] == 3 and "val_loss" in json.loads(res.stdout)["last_eval"]
+    pair = [str(tiny_dataset), str(tiny_prose_dataset)]
+    assert len(open_split(pair, "train")) == sum(len(open_split(d, "train")) for d in pair)
+    assert len(_val_split(pair)) == sum(len(open_split(d, "val")) for d in pair)
+    one = train_compressor([str(tiny_dataset)], tmp_path / "one", preset="debug", train_cfg=_cfg(steps=3))
+    plain = train_compressor(str(tiny_dataset), tmp_path / "plain", preset="debug", train_cfg=_cfg(steps=3))
+    assert one.step == plain.step == 3
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "plain"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

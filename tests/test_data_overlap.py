@@ -104,3 +104,31 @@ def test_cli_overlap(tiny_dataset, tiny_corpus, tiny_tokenizer, tmp_path):
                   seq_len=64, pack=True)
     packed = runner.invoke(app, ["data", "overlap", str(tmp_path / "packed")])
     assert packed.exit_code == 0 and "no document index" in packed.stdout
+
+
+def test_also_counts_a_second_training_corpus(tiny_tokenizer, tmp_path):
+    """`--also`: a held-out document copied into another corpus's training split is seen
+    only when that corpus is counted too; without it the figures are the plain split's."""
+    body = "".join(f"def route_{i}(text, width={i}):\n    return text.split()[:width]\n" for i in range(40))
+    own = "".join(f"class Node{i}:\n    weight = {i * 5 % 11}\n" for i in range(60))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / _name_in("test", "held")).write_text(body)
+    (a / _name_in("train", "other")).write_text(own)
+    (b / _name_in("train", "copy")).write_text(body + "# a copy in another corpus\n")
+    for src in (a, b):
+        build_dataset(tmp_path / f"ds-{src.name}", str(src), tokenizer=tiny_tokenizer, seq_len=64)
+    runner = CliRunner()
+    alone = runner.invoke(app, ["data", "overlap", str(tmp_path / "ds-a"), "-n", "8", "--json"])
+    both = runner.invoke(app, ["data", "overlap", str(tmp_path / "ds-a"), "-n", "8", "--json",
+                               "--also", str(tmp_path / "ds-b")])
+    assert alone.exit_code == 0 and both.exit_code == 0, alone.output + both.output
+    alone, both = json.loads(alone.stdout), json.loads(both.stdout)
+    assert alone["share"] < 0.2 < 0.9 < both["share"]
+    assert both["also"] == [str(tmp_path / "ds-b")] and both["ngrams"] == alone["ngrams"]
+    assert both["reference_ngrams"] > alone["reference_ngrams"]
+    rich = runner.invoke(app, ["data", "overlap", str(tmp_path / "ds-a"), "-n", "8",
+                               "--also", str(tmp_path / "ds-b")], env={"COLUMNS": "200"})
+    assert rich.exit_code == 0 and f"train + {tmp_path / 'ds-b'}:train" in rich.stdout
+

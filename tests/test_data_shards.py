@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -299,3 +300,29 @@ def test_document_index_edge_cases(tiny_corpus, tiny_tokenizer, tmp_path):
     ds = open_dataset(tmp_path / "d", "train")
     assert ds.documents() is None and len(ds) > 0
     assert open_dataset(tmp_path / "d", "all").documents() is None
+
+
+def test_concat_chunks_joins_datasets_end_to_end(tiny_dataset, tiny_prose_dataset, tiny_corpus,
+                                                 tiny_tokenizer, tmp_path):
+    from cir.data.shards import ConcatChunks
+
+    a, b = open_dataset(tiny_dataset, "train"), open_dataset(tiny_prose_dataset, "train")
+    both = ConcatChunks([a, b])
+    assert len(both) == len(a) + len(b) and both.split == "train"
+    ref = [torch.cat([a.get_batch(np.arange(len(a)))[k], b.get_batch(np.arange(len(b)))[k]]) for k in (0, 1)]
+    order = np.random.default_rng(1).permutation(len(both))  # mixed parts, any order
+    ids, mask = both.get_batch(order)
+    assert torch.equal(ids, ref[0][order]) and torch.equal(mask, ref[1][order])
+    assert both.documents().ids == a.documents().ids + b.documents().ids
+    assert both.chunk_info(len(a) + 1) == b.chunk_info(1) and both.chunk_info(0) == a.chunk_info(0)
+    with pytest.raises(IndexError, match="out of range"):
+        both.get_batch([-1])
+    shutil.copytree(tiny_prose_dataset, tmp_path / "retok")  # same shapes, another tokenizer
+    manifest = json.loads((tmp_path / "retok" / "manifest.json").read_text())
+    manifest["tokenizer_sha256"] = "0" * 64
+    (tmp_path / "retok" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="different tokenizers"):
+        ConcatChunks([a, open_dataset(tmp_path / "retok", "train")])
+    build_dataset(tmp_path / "short", str(tiny_corpus / "prose"), tokenizer=tiny_tokenizer, seq_len=32)
+    with pytest.raises(ValueError, match=r"cannot join .*short:train \(seq_len 32"):
+        ConcatChunks([a, open_dataset(tmp_path / "short", "train")])
