@@ -34,6 +34,7 @@
 #   counts the test 16-grams found in either training split, and `eval` scores gpu-extra's
 #   unseen documents on their own (tra_extra.json; gpu-code's row in tra.json stays
 #   comparable with runs without).
+#   PLOTS=0 leaves the latent plots out of `eval` (about 130 s of it).
 #   Stage `parts` brings the checkpoint back in such parts: PARTS=0-3 copies parts 0 to 3
 #   and manifest.json to $OUT (split once per checkpoint step into $PARTS_DIR), PARTS=4-7
 #   in a second call (files back from a call: 64 MiB in all).
@@ -155,6 +156,7 @@ if [[ $stage == eval || $stage == all ]]; then
       --worst 25 --worst-by errors --json > "$OUT/tra_extra.json"
   fi
   echo "TRA table in $((SECONDS - t_eval))s"
+  if [[ ${PLOTS:-1} == 0 ]]; then echo "eval stage in $((SECONDS - t_eval))s (PLOTS=0: no plots)"; exit 0; fi
   route-cli analyze plot --compressor "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
     --method pca --method umap --method tsne --max-chunks 400 --device cuda --out /tmp/plots --json > "$OUT/latents.json"
   ls /tmp/plots
