@@ -71,10 +71,11 @@ def train_cmd(
     route-cli compressor train --data python-code --out runs/cmp --preset paper --schedule
     wsd --steps 1000000 --max-minutes 9; then the same with --decay-steps 8000
     """
-    from cir.compressor.train import default_train_config, train_compressor
+    from cir.compressor.train import default_train_config, open_split, train_compressor
 
     from cir.train import plan_decay
 
+    open_split(data, "train")  # corpora that cannot be joined fail here, before the progress bar
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "schedule": schedule}
     if decay_steps or constant_steps:
         if steps is not None or schedule not in (None, "wsd"):

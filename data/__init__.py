@@ -9,6 +9,7 @@ arbitrary text for scoring.
 from cir.data.chunking import DEFAULT_SEQ_LEN, chunk_ids, chunk_text, iter_text_chunks
 from cir.data.shards import (
     ChunkDataset,
+    ConcatChunks,
     DocumentIndex,
     RandomChunks,
     build_dataset,
@@ -28,8 +29,8 @@ from cir.data.tokenizer import (
 )
 
 __all__ = [
-    "DEFAULT_SEQ_LEN", "EOS_ID", "PAD_ID", "SOURCES", "SPLITS", "BadFileError", "ChunkDataset", "ConcatChunks",
-    "Document", "DocumentIndex", "RandomChunks", "SkipStats", "build_dataset", "chunk_ids", "chunk_text",
+    "DEFAULT_SEQ_LEN", "EOS_ID", "PAD_ID", "SOURCES", "SPLITS", "BadFileError", "ChunkDataset",
+    "ConcatChunks", "Document", "DocumentIndex", "RandomChunks", "SkipStats", "build_dataset", "chunk_ids", "chunk_text",
     "iter_documents", "iter_text_chunks", "list_datasets", "load_tokenizer", "open_dataset",
     "resolve_dataset", "save_tokenizer", "split_of", "tokenizer_hash", "train_tokenizer",
 ]

@@ -234,7 +234,7 @@ def test_warm_start_may_change_dropout_not_the_architecture(trained, tmp_path):
                          init_from=out)
 
 
-def test_trains_on_several_datasets(tiny_dataset, tiny_prose_dataset, tmp_path):
+def test_trains_on_several_datasets(tiny_dataset, tiny_prose_dataset, tiny_corpus, tiny_tokenizer, tmp_path):
     """`--data A --data B`: one run over both corpora (validated on both val splits); a
     list of one is that dataset."""
     from cir.compressor.train import _val_split, open_split
@@ -253,3 +253,9 @@ def test_trains_on_several_datasets(tiny_dataset, tiny_prose_dataset, tmp_path):
     assert one.step == plain.step == 3
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "plain"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    from cir.data.shards import build_dataset
+
+    build_dataset(tmp_path / "short", str(tiny_corpus / "prose"), tokenizer=tiny_tokenizer, seq_len=32)
+    bad = runner.invoke(app, ["compressor", "train", "--data", str(tiny_dataset), "--data",
+                              str(tmp_path / "short"), "--out", str(tmp_path / "bad"), "--preset", "debug"])
+    assert bad.exit_code == 2 and "cannot join" in bad.output and not (tmp_path / "bad").exists()
