@@ -34,7 +34,10 @@
 #   counts the test 16-grams found in either training split, and `eval` scores gpu-extra's
 #   unseen documents on their own (tra_extra.json; gpu-code's row in tra.json stays
 #   comparable with runs without).
-#   PLOTS=0 leaves the latent plots out of `eval` (about 130 s of it).
+#   PLOTS=0 leaves the latent plots out of `eval` (about 130 s of it). The output is also
+#   written to $OUT/log.txt. DEADLINE_S counts from the start of this script, the call's
+#   limit from the start of the call: leave room for what the call does before (unpacking
+#   carried files) and for the last checkpoint (about 10 s), or the call is cut first.
 #   Stage `parts` brings the checkpoint back in such parts: PARTS=0-3 copies parts 0 to 3
 #   and manifest.json to $OUT (split once per checkpoint step into $PARTS_DIR), PARTS=4-7
 #   in a second call (files back from a call: 64 MiB in all).
@@ -42,6 +45,8 @@ set -euo pipefail
 SECONDS=0
 stage=${1:-all}
 source scripts/gpu_setup.sh
+# the log comes back with $OUT even when the call is cut at its time limit
+exec > >(tee -a "$OUT/log.txt") 2>&1
 TOKENIZER=${TOKENIZER:-.gpu/tokenizer-32k.json}
 CK=$CIR_HOME/runs/paper-compressor
 STEPS=${STEPS:-5000}
@@ -90,11 +95,10 @@ if [[ $stage == data || $stage == train || $stage == all ]]; then
   # how unseen the unseen code documents are: their 16-grams found in training (once per
   # corpus; on a spare core, beside training)
   overlap=$CIR_HOME/overlap-gpu-code${EXTRA_CODE:+-extra}.json
-  if [[ ! -f $overlap ]]; then
+  if [[ ! -f $overlap ]]; then  # back with the call that measures it (files back per call: 8)
     (route-cli data overlap gpu-code --split test -n 16 --top 25 "${also[@]}" --json > "$overlap.tmp" \
       && mv "$overlap.tmp" "$overlap" && cp "$overlap" "$OUT/overlap.json") &
-  else
-    cp "$overlap" "$OUT/overlap.json"
+    overlap_pid=$!
   fi
   echo "data built in $((SECONDS - t_data))s"
 fi
@@ -156,11 +160,12 @@ if [[ $stage == eval || $stage == all ]]; then
       --worst 25 --worst-by errors --json > "$OUT/tra_extra.json"
   fi
   echo "TRA table in $((SECONDS - t_eval))s"
-  if [[ ${PLOTS:-1} == 0 ]]; then echo "eval stage in $((SECONDS - t_eval))s (PLOTS=0: no plots)"; exit 0; fi
-  route-cli analyze plot --compressor "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
-    --method pca --method umap --method tsne --max-chunks 400 --device cuda --out /tmp/plots --json > "$OUT/latents.json"
-  ls /tmp/plots
-  cp /tmp/plots/*umap*.png /tmp/plots/*tsne*.png "$OUT/" 2>/dev/null || true
+  if [[ ${PLOTS:-1} != 0 ]]; then
+    route-cli analyze plot --compressor "$CK" --data gpu-code --data gpu-docs --data gpu-prose --data random \
+      --method pca --method umap --method tsne --max-chunks 400 --device cuda --out /tmp/plots --json > "$OUT/latents.json"
+    ls /tmp/plots
+    cp /tmp/plots/*umap*.png /tmp/plots/*tsne*.png "$OUT/" 2>/dev/null || true
+  fi
   echo "eval stage in $((SECONDS - t_eval))s"
 fi
 
@@ -180,4 +185,4 @@ if [[ $stage == parts ]]; then
   cp "$PARTS_DIR/manifest.json" "$OUT/"
   echo "parts $range of step $step in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 fi
-wait  # the overlap count, when it runs beside training
+if [[ -n ${overlap_pid:-} ]]; then wait "$overlap_pid"; fi  # the overlap count, beside training
