@@ -150,6 +150,10 @@ def eval_cmd(
     worst_by: str = typer.Option("tra", "--worst-by", help="tra: lowest TRA first (what it "
                                  "cannot read) | errors: most wrong tokens first (where the "
                                  "errors are)."),
+    unseen_below: float | None = typer.Option(
+        None, "--unseen-below", min=0.0, max=1.0, help="Also the first dataset's row over "
+        "only its documents with less than this share of their 16-token n-grams in its train "
+        "split (see `data overlap`): the figure on code not seen in training already."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -166,12 +170,16 @@ def eval_cmd(
 
     Which held-out documents it fails on: route-cli compressor eval runs/cmp --data
     python-code --worst 20
+
+    Only held-out documents less than half seen in training: route-cli compressor eval
+    runs/cmp --data python-code --data python-docs --unseen-below 0.5
     """
     from cir.compressor.evaluate import (
         WORST_BY,
         auroc_table,
         document_errors,
         evaluate,
+        restrict_row,
         rows_to_markdown,
         unigram_auroc_table,
     )
@@ -195,35 +203,63 @@ def eval_cmd(
         for d in datasets.values():
             if hasattr(d, "documents"):
                 d.documents()
+    first = datasets[data[0]]
+    if unseen_below is not None and (not hasattr(first, "documents") or first.documents() is None):
+        fail(f"--unseen-below needs a document index on {data[0]} (random tokens and packed "
+             "datasets have none; rebuild one built before indexes)")
     total = sum(min(len(d), max_chunks or len(d)) for d in datasets.values())
     with progress(disable=as_json or markdown) as bar:
         task = bar.add_task("score", total=total, info="")
         rows = evaluate(model, datasets, batch_size=batch_size, max_chunks=max_chunks,
                         precision=precision, on_batch=lambda name, n: bar.update(task, advance=n, info=name))
     aurocs = auroc_table(rows) if len(rows) > 1 else {}
-    base: dict[str, float] | None = None
-    if baseline and len(rows) > 1 and data[0] != "random":
+    train_split = None
+    if data[0] != "random" and ((baseline and len(rows) > 1) or unseen_below is not None):
         try:
             train_split = _open_eval_data(data[0], "train", model)
         except (FileNotFoundError, ValueError):
             train_split = None  # no training split to fit the baseline on: leave it out
-        if train_split is not None and len(train_split) > 0:
-            base = unigram_auroc_table(rows, datasets, train_split, model.config.vocab_size,
-                                       max_chunks)
+    base: dict[str, float] | None = None
+    if baseline and len(rows) > 1 and train_split is not None and len(train_split) > 0:
+        base = unigram_auroc_table(rows, datasets, train_split, model.config.vocab_size,
+                                   max_chunks)
     by_doc = ({r.name: document_errors(r, datasets[r.name], worst, worst_by) for r in rows}
               if worst else {})
+    shown, unseen = rows, None
+    if unseen_below is not None:
+        if train_split is None:
+            fail(f"--unseen-below needs {data[0]}'s train split")
+        from cir.data.overlap import document_shares
+
+        with progress(disable=as_json or markdown) as bar:
+            task = bar.add_task("n-grams seen in train", total=len(train_split) + len(first), info="")
+            shares = document_shares(first, train_split, n=16, on_batch=lambda k: bar.advance(task, k))
+        keep = shares < unseen_below
+        row = restrict_row(rows[0], first, keep, f"{data[0]}, < {100 * unseen_below:g}% seen")
+        shown = [rows[0], row, *rows[1:]]
+        unseen = {"threshold": unseen_below, "n": 16, "row": row.name,
+                  "documents": int(keep.sum()), "of": len(keep)}
     if as_json:
         out = {"checkpoint": str(ckpt), "split": split, "ood_split": other,
-               "rows": [r.to_dict() for r in rows], "auroc_vs_first": aurocs,
+               "rows": [r.to_dict() for r in shown], "auroc_vs_first": aurocs,
                "unigram_auroc_vs_first": base}
         if worst:
             out["documents"] = by_doc
+        if unseen is not None:
+            out["unseen_below"] = unseen
         print_json(out)
         return
     if markdown:
-        print(rows_to_markdown(rows, aurocs, base))
+        print(rows_to_markdown(shown, aurocs, base))
     else:
-        _print_rows(rows, aurocs, base)
+        _print_rows(shown, aurocs, base)
+    if unseen is not None:
+        note = (f"{unseen['row']}: the {unseen['documents']:,} of {unseen['of']:,} documents with "
+                f"less than {100 * unseen_below:g}% of their 16-grams in {data[0]}'s train split")
+        if markdown:
+            print(f"\n{note}")
+        else:
+            console.print(f"[dim]{note}[/]")
     for name, errors in by_doc.items():
         _print_worst(name, errors, markdown)
 

@@ -128,6 +128,33 @@ def evaluate(
     return rows
 
 
+def restrict_row(row: EvalRow, data: Any, keep: np.ndarray, name: str) -> EvalRow:
+    """``row`` over the chunks of the documents ``keep`` selects (``bool [D]``, ``data``'s
+    document index order), without scoring again: e.g. only documents mostly unseen in
+    training (``cir.data.overlap.document_shares``)."""
+    index = data.documents() if hasattr(data, "documents") else None
+    if index is None:
+        raise ValueError(f"{row.name}: no document index to select documents by (rebuild the dataset)")
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (len(index),):
+        raise ValueError(f"keep has shape {keep.shape}, the document index {len(index)} documents")
+    sel = keep[index.of_chunks(row.chunk_index)]  # [C] scored chunks of kept documents
+    tokens = row.chunk_tokens[sel]
+    n = max(int(tokens.sum()), 1)
+    return EvalRow(
+        name=name,
+        chunks=int(sel.sum()),
+        tokens=int(tokens.sum()),
+        tra=float((row.chunk_tra[sel].astype(np.float64) * tokens).sum() / n),
+        tra_chunk_mean=float(row.chunk_tra[sel].astype(np.float64).mean()) if sel.any() else math.nan,
+        loss=float((row.chunk_loss[sel].astype(np.float64) * tokens).sum() / n),
+        chunk_loss=row.chunk_loss[sel],
+        chunk_tra=row.chunk_tra[sel],
+        chunk_tokens=tokens,
+        chunk_index=row.chunk_index[sel],
+    )
+
+
 WORST_BY = ("tra", "errors")
 
 

@@ -61,6 +61,45 @@ def _batches(data: Any, n: int, on_batch: Callable[[int], None] | None):
             on_batch(stop - start)
 
 
+def _chunk_hits(
+    held_out: Any, reference: Any, n: int, on_batch: Callable[[int], None] | None
+) -> tuple[int, np.ndarray]:
+    """Distinct reference n-grams, and per held-out chunk ``[C, (ngrams, found)]``."""
+    if n < 1:  # before reading anything
+        raise ValueError(f"n must be >= 1, got {n}")
+    # unique per batch first: the reference's n-grams repeat (licence headers, idioms)
+    seen = _distinct(np.concatenate([_distinct(h[valid]) for _, h, valid in
+                                     _batches(reference, n, on_batch)] or [np.zeros(0, np.uint64)]))
+    per_chunk = np.zeros((len(held_out), 2), np.int64)  # [C, (ngrams, found)]
+    for start, h, valid in _batches(held_out, n, on_batch):
+        hit = np.zeros_like(valid)
+        if len(seen):
+            pos = np.minimum(np.searchsorted(seen, h), len(seen) - 1)
+            hit = (seen[pos] == h) & valid
+        per_chunk[start : start + len(h)] = np.stack([valid.sum(1), hit.sum(1)], axis=1)
+    return len(seen), per_chunk
+
+
+def _per_document(index: Any, per_chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    doc = index.of_chunks(np.arange(len(per_chunk)))  # [C]
+    grams = np.bincount(doc, weights=per_chunk[:, 0], minlength=len(index)).astype(np.int64)
+    hits = np.bincount(doc, weights=per_chunk[:, 1], minlength=len(index)).astype(np.int64)
+    return grams, hits  # [D] each
+
+
+def document_shares(
+    held_out: Any, reference: Any, n: int = 16, on_batch: Callable[[int], None] | None = None
+) -> np.ndarray:
+    """Per document of ``held_out`` (its document index order), the share of its n-grams
+    found in ``reference``, ``float64 [D]``; 0 for a document too short for one n-gram."""
+    index = held_out.documents() if hasattr(held_out, "documents") else None
+    if index is None:
+        raise ValueError("per-document shares need a document index (rebuild the dataset)")
+    _, per_chunk = _chunk_hits(held_out, reference, n, on_batch)
+    grams, hits = _per_document(index, per_chunk)
+    return np.divide(hits, grams, out=np.zeros(len(grams)), where=grams > 0)
+
+
 def split_overlap(
     held_out: Any, reference: Any, n: int = 16, top: int = 10,
     thresholds: tuple[float, ...] = (0.5, 0.9),
@@ -74,30 +113,17 @@ def split_overlap(
     document index ``documents``: their count, how many have at least each threshold of
     their n-grams in the reference (``over``), the mean per-document share, and the ``top``
     documents by share (``id``, ``ngrams``, ``share``)."""
-    if n < 1:  # before reading anything
-        raise ValueError(f"n must be >= 1, got {n}")
-    # unique per batch first: the reference's n-grams repeat (licence headers, idioms)
-    seen = _distinct(np.concatenate([_distinct(h[valid]) for _, h, valid in
-                                     _batches(reference, n, on_batch)] or [np.zeros(0, np.uint64)]))
-    per_chunk = np.zeros((len(held_out), 2), np.int64)  # [C, (ngrams, found)]
-    for start, h, valid in _batches(held_out, n, on_batch):
-        hit = np.zeros_like(valid)
-        if len(seen):
-            pos = np.minimum(np.searchsorted(seen, h), len(seen) - 1)
-            hit = (seen[pos] == h) & valid
-        per_chunk[start : start + len(h)] = np.stack([valid.sum(1), hit.sum(1)], axis=1)
+    n_seen, per_chunk = _chunk_hits(held_out, reference, n, on_batch)
     total, found = per_chunk.sum(0)
     out: dict[str, Any] = {
-        "n": n, "reference_ngrams": int(len(seen)), "chunks": len(held_out),
+        "n": n, "reference_ngrams": int(n_seen), "chunks": len(held_out),
         "ngrams": int(total), "found": int(found), "share": float(found / total) if total else None,
     }
     index = held_out.documents() if hasattr(held_out, "documents") else None
     if index is None:
         out["documents"] = None
         return out
-    doc = index.of_chunks(np.arange(len(held_out)))  # [C]
-    grams = np.bincount(doc, weights=per_chunk[:, 0], minlength=len(index)).astype(np.int64)
-    hits = np.bincount(doc, weights=per_chunk[:, 1], minlength=len(index)).astype(np.int64)
+    grams, hits = _per_document(index, per_chunk)
     has = np.nonzero(grams)[0]  # documents long enough for one n-gram
     share = hits[has] / grams[has]
     order = np.lexsort((-grams[has], -share))[:top]  # most seen first, longer first on ties

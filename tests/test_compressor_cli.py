@@ -224,3 +224,43 @@ def test_cli_eval_worst_with_a_broken_index_fails_before_scoring(tiny_dataset, t
     ok = CliRunner().invoke(app, ["compressor", "eval", str(tmp_path / "m"), "--data", str(data),
                                   "--no-baseline", "--json"])
     assert ok.exit_code == 0  # without --worst the index is not read
+
+
+def test_cli_eval_unseen_below(tiny_tokenizer, tmp_path):
+    """--unseen-below: the in-domain row again over only the held-out documents mostly
+    unseen in training; a test copy of a training file is left out of it."""
+    from cir.compressor.model import Compressor, CompressorConfig
+    from cir.data.shards import build_dataset, open_dataset
+    from cir.data.split import split_of
+
+    from cir.checkpoint import save_checkpoint
+
+    def name_in(split: str, stem: str) -> str:
+        k = 0
+        while split_of(f"file:{stem}{k}.py") != split:
+            k += 1
+        return f"{stem}{k}.py"
+
+    src = tmp_path / "src"
+    src.mkdir()
+    body = "".join(f"def fetch_{i}(store, key={i}):\n    return store.get(key)\n" for i in range(40))
+    (src / name_in("train", "original")).write_text(body)
+    (src / name_in("test", "copy")).write_text(body + "# copied\n")
+    (src / name_in("test", "own")).write_text("".join(f"class Item{i}:\n    size = {i * 3 % 7}\n" for i in range(60)))
+    build_dataset(tmp_path / "ds", str(src), tokenizer=tiny_tokenizer, seq_len=64)
+    save_checkpoint(tmp_path / "m", Compressor(CompressorConfig.from_name("debug", vocab_size=512, seq_len=64)))
+    args = ["compressor", "eval", str(tmp_path / "m"), "--data", str(tmp_path / "ds"), "--data", "random"]
+    ev = _invoke(*args, "--unseen-below", "0.5", "--json")
+    index = open_dataset(tmp_path / "ds", "test").documents()
+    own = index.ids.index(f"file:{name_in('test', 'own')}")
+    assert ev["unseen_below"] == {"threshold": 0.5, "n": 16, "row": f"{tmp_path / 'ds'}, < 50% seen",
+                                  "documents": 1, "of": 2}
+    first, unseen, rnd = ev["rows"]
+    assert unseen["name"] == ev["unseen_below"]["row"] and rnd["name"] == "random"
+    assert unseen["chunks"] == int(index.starts[own + 1] - index.starts[own]) < first["chunks"]
+    assert set(ev["auroc_vs_first"]) == {"random"}  # the restricted row is no out-of-domain set
+    rich = CliRunner().invoke(app, [*args, "--unseen-below", "0.5"], env={"COLUMNS": "200"})
+    assert rich.exit_code == 0 and "the 1 of 2 documents with less than 50%" in " ".join(rich.stdout.split())
+    bad = CliRunner().invoke(app, ["compressor", "eval", str(tmp_path / "m"), "--data", "random",
+                                   "--unseen-below", "0.5"])
+    assert bad.exit_code != 0 and "needs a document index on random" in bad.output

@@ -259,3 +259,33 @@ def test_trains_on_several_datasets(tiny_dataset, tiny_prose_dataset, tiny_corpu
     bad = runner.invoke(app, ["compressor", "train", "--data", str(tiny_dataset), "--data",
                               str(tmp_path / "short"), "--out", str(tmp_path / "bad"), "--preset", "debug"])
     assert bad.exit_code == 2 and "cannot join" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_restrict_row_equals_scoring_only_those_documents(trained):
+    """A row restricted to some documents has the figures of evaluating just their chunks."""
+    from cir.compressor.evaluate import restrict_row
+    from cir.data.shards import DocumentIndex
+
+    model = load_checkpoint(trained[0])
+    data = Chunks(40, seed=6)
+    data.ids[30:] = np.random.default_rng(2).integers(2, 512, size=(10, 32))
+    sizes = [10, 4, 16, 10]
+    index = DocumentIndex([f"doc{i}" for i in range(4)], np.cumsum([0, *sizes]))
+    data.documents = lambda: index
+    (row,) = evaluate(model, {"d": data}, max_chunks=31)
+    keep = np.array([True, False, True, False])
+    got = restrict_row(row, data, keep, "kept")
+    mine = np.concatenate([np.arange(0, 10), np.arange(14, 30)])
+    picked = np.unique(np.linspace(0, 39, 31).round().astype(int))
+    picked = picked[np.isin(picked, mine)]
+    s = model.score(*data.get_batch(picked))
+    assert (got.name, got.chunks, got.tokens) == ("kept", len(picked), int(s.n_tokens.sum()))
+    assert got.tra == pytest.approx(float(s.n_correct.sum()) / int(s.n_tokens.sum()))
+    assert got.loss == pytest.approx(float((s.loss * s.n_tokens).sum() / s.n_tokens.sum()), rel=1e-5)
+    assert np.array_equal(got.chunk_index, picked)
+    full = restrict_row(row, data, np.ones(4, bool), "all")
+    assert (full.chunks, full.tokens) == (row.chunks, row.tokens) and full.tra == pytest.approx(row.tra)
+    with pytest.raises(ValueError, match="the document index 4 documents"):
+        restrict_row(row, data, keep[:3], "x")
+    with pytest.raises(ValueError, match="no document index"):
+        restrict_row(row, Chunks(40, seed=6), keep, "x")

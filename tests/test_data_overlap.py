@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from cir.cli.main import app
-from cir.data.overlap import _batch_hashes, _distinct, ngram_hashes, split_overlap
+from cir.data.overlap import _batch_hashes, _distinct, document_shares, ngram_hashes, split_overlap
 from cir.data.shards import build_dataset, open_dataset
 from cir.data.split import split_of
 from typer.testing import CliRunner
@@ -59,6 +59,10 @@ def test_split_overlap_matches_python_sets(tiny_dataset):
         listed = [d["share"] for d in docs["top"]]
         assert listed == sorted(listed, reverse=True)
         assert docs["over"]["0.5"] == sum(s >= 0.5 for s in shares.values())
+        per_doc = document_shares(held, ref, n=n)  # every document, in index order
+        assert per_doc.shape == (len(index),)
+        assert {index.ids[d]: per_doc[d] for d in range(len(index)) if index.ids[d] in shares} == pytest.approx(shares)
+        assert all(per_doc[d] == 0 for d in range(len(index)) if index.ids[d] not in shares)
 
 
 def _name_in(split: str, stem: str) -> str:
@@ -132,3 +136,11 @@ def test_also_counts_a_second_training_corpus(tiny_tokenizer, tmp_path):
                                "--also", str(tmp_path / "ds-b")], env={"COLUMNS": "200"})
     assert rich.exit_code == 0 and f"train + {tmp_path / 'ds-b'}:train" in rich.stdout
 
+
+
+def test_document_shares_needs_an_index(tiny_corpus, tiny_tokenizer, tmp_path):
+    build_dataset(tmp_path / "packed", str(tiny_corpus / "prose"), tokenizer=tiny_tokenizer,
+                  seq_len=64, pack=True)
+    packed = open_dataset(tmp_path / "packed", "test")
+    with pytest.raises(ValueError, match="need a document index"):
+        document_shares(packed, open_dataset(tmp_path / "packed", "train"))
