@@ -152,7 +152,8 @@ fi
 if [[ $stage == eval || $stage == all ]]; then
   t_eval=$SECONDS
   # held-out code documents, and again only those less than half seen in training (their
-  # 16-grams; about 40 s); every chunk of docs and prose (never trained on); the 25
+  # 16-grams in gpu-code's train split, about 40 s; gpu-extra's add 0.3 points, run 9);
+  # every chunk of docs and prose (never trained on); the 25
   # documents of each with the most wrong tokens and their share of the errors
   route-cli compressor eval "$CK" --data gpu-code --data gpu-docs --data gpu-prose \
     --data random --split test --ood-split all --device cuda --batch-size 128 --worst 25 --worst-by errors \
