@@ -254,12 +254,9 @@ def eval_cmd(
     else:
         _print_rows(shown, aurocs, base)
     if unseen is not None:
-        note = (f"{unseen['row']}: the {unseen['documents']:,} of {unseen['of']:,} documents with "
-                f"less than {100 * unseen_below:g}% of their 16-grams in {data[0]}'s train split")
-        if markdown:
-            print(f"\n{note}")
-        else:
-            console.print(f"[dim]{note}[/]")
+        _print_note(f"{unseen['row']}: the {unseen['documents']:,} of {unseen['of']:,} documents "
+                    f"with less than {100 * unseen_below:g}% of their 16-grams in {data[0]}'s train "
+                    "split", markdown)
     for name, errors in by_doc.items():
         _print_worst(name, errors, markdown)
 
@@ -283,13 +280,18 @@ def _print_rows(rows: list[Any], aurocs: dict[str, float],
     console.print(table)
 
 
+def _print_note(note: str, markdown: bool) -> None:
+    """A line under the table: plain after Markdown, dim in the terminal."""
+    if markdown:
+        print(f"\n{note}")
+    else:
+        console.print(f"[dim]{note}[/]")
+
+
 def _print_worst(name: str, errors: dict[str, Any] | None, markdown: bool) -> None:
     if errors is None:
-        note = f"{name}: no document index (random tokens, a packed dataset, or one built before indexes)"
-        if markdown:
-            print(f"\n{note}")
-        else:
-            console.print(f"[dim]{note}[/]")
+        _print_note(f"{name}: no document index (random tokens, a packed dataset, or one built "
+                    "before indexes)", markdown)
         return
     rank = "lowest-TRA" if errors["by"] == "tra" else "most-wrong"
     title = (f"{name}: the {len(errors['worst'])} {rank} of {errors['documents']:,} documents "

@@ -189,14 +189,13 @@ def overlap_cmd(
     With a second corpus trained on as well: route-cli data overlap pycode --also more-code
     """
     from cir.data.overlap import split_overlap
-    from cir.data.shards import ChunkDataset, ConcatChunks, resolve_dataset
+    from cir.data.shards import ChunkDataset, join_chunks, resolve_dataset
 
     if split == against:
         raise typer.BadParameter(f"--split and --against are both {split!r}")
     root = resolve_dataset(name)
     held = ChunkDataset(root, split)
-    refs = [ChunkDataset(r, against) for r in [root, *(resolve_dataset(a) for a in also)]]
-    ref = refs[0] if len(refs) == 1 else ConcatChunks(refs)
+    ref = join_chunks([ChunkDataset(r, against) for r in [root, *(resolve_dataset(a) for a in also)]])
     seen_in = " + ".join([against, *(f"{a}:{against}" for a in also)])
     with progress(disable=as_json) as bar:
         task = bar.add_task("n-grams", total=len(held) + len(ref), info=f"{seen_in} then {split}")

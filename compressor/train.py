@@ -53,23 +53,21 @@ def default_train_config(preset: str, **overrides: Any) -> TrainConfig:
 def open_split(data: Any, split: str) -> Any:
     """``data`` as a ``ChunkDataset``: opened by name or directory, or returned as is; a
     list or tuple of names or directories is their ``split``s end to end (``ConcatChunks``)."""
-    from cir.data.shards import ConcatChunks, open_dataset
+    from cir.data.shards import join_chunks, open_dataset
 
     if isinstance(data, (list, tuple)):
-        if len(data) == 1:
-            return open_split(data[0], split)
-        return ConcatChunks([open_split(d, split) for d in data], split=split)
+        return join_chunks([open_split(d, split) for d in data], split)
     if not isinstance(data, (str, Path)):
         return data
     return open_dataset(str(data), split)
 
 
 def _val_split(data: Any) -> Any:
-    from cir.data.shards import ConcatChunks
+    from cir.data.shards import join_chunks
 
     if isinstance(data, (list, tuple)):
         parts = [v for v in (_val_split(d) for d in data) if v is not None]
-        return None if not parts else parts[0] if len(parts) == 1 else ConcatChunks(parts, split="val")
+        return join_chunks(parts, "val") if parts else None
     if not isinstance(data, (str, Path)):
         return None
     try:

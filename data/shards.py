@@ -486,6 +486,12 @@ class ConcatChunks:
         return ids, mask
 
 
+def join_chunks(parts: list[Any], split: str | None = None) -> Any:
+    """One dataset for ``parts``: the dataset itself when there is one, else their
+    ``ConcatChunks``."""
+    return parts[0] if len(parts) == 1 else ConcatChunks(parts, split)
+
+
 def _label(ds: Any) -> str:
     return f"{getattr(ds, 'root', ds.manifest.get('name', '?'))}:{ds.split}"
 

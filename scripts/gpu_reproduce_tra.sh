@@ -59,7 +59,8 @@ EVAL_RESERVE_S=${EVAL_RESERVE_S:-40}
 MAX_TOKENS=${MAX_TOKENS:-80000000}
 EXTRA_CODE=${EXTRA_CODE:-}
 TRAIN_DATA=gpu-code
-if [[ -n $EXTRA_CODE ]]; then TRAIN_DATA=gpu-code,gpu-extra; fi
+also=()  # data overlap: the other training corpus whose n-grams count as seen
+if [[ -n $EXTRA_CODE ]]; then TRAIN_DATA=gpu-code,gpu-extra; also=(--also gpu-extra); fi
 export COLUMNS=140
 
 drop_known_packages() {  # $1: extra code, one entry per top-level package
@@ -85,13 +86,11 @@ if [[ $stage == data || $stage == train || $stage == all ]]; then
     --tokenizer "$TOKENIZER" --max-tokens 5000000
   [[ -d $CIR_HOME/datasets/gpu-prose ]] || route-cli data build gpu-prose --source python-prose \
     --tokenizer "$TOKENIZER" --max-tokens 5000000
-  also=()
   if [[ -n $EXTRA_CODE && ! -d $CIR_HOME/datasets/gpu-extra ]]; then
     drop_known_packages "$EXTRA_CODE"
     route-cli data build gpu-extra --source "$EXTRA_CODE" --tokenizer "$TOKENIZER" \
       --max-tokens "$MAX_TOKENS"
   fi
-  if [[ -n $EXTRA_CODE ]]; then also=(--also gpu-extra); fi
   # how unseen the unseen code documents are: their 16-grams found in training (once per
   # corpus; on a spare core, beside training)
   overlap=$CIR_HOME/overlap-gpu-code${EXTRA_CODE:+-extra}.json
