@@ -37,7 +37,9 @@
 #   PLOTS=0 leaves the latent plots out of `eval` (about 130 s of it). The output is also
 #   written to $OUT/log.txt. DEADLINE_S counts from the start of this script, the call's
 #   limit from the start of the call: leave room for what the call does before (unpacking
-#   carried files) and for the last checkpoint (about 10 s), or the call is cut first.
+#   carried files) and for what follows the deadline (the last checkpoint and the
+#   interpreter's exit: about 35 s on an H100), or the call is cut first; with a 600 s
+#   call limit, DEADLINE_S=540 is the most that fits.
 #   Stage `parts` brings the checkpoint back in such parts: PARTS=0-3 copies parts 0 to 3
 #   and manifest.json to $OUT (split once per checkpoint step into $PARTS_DIR), PARTS=4-7
 #   in a second call (files back from a call: 64 MiB in all).
