@@ -29,7 +29,8 @@ def perplexity(
         logits = model(x[:, :-1]).float()  # [b, T-1, V]
         target = x[:, 1:]
         real = m[:, 1:] & m[:, :-1]
-        tok = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [b, T-1]
+        tok = F.cross_entropy(logits.flatten(0, 1), target.flatten(),
+                              reduction="none").view_as(target)  # [b, T-1]
         nll.append((tok * real).sum(-1).double().cpu())
         count.append(real.sum(-1).cpu())
     model.train(was_training)

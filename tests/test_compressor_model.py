@@ -103,6 +103,20 @@ def test_score_matches_naive_reference():
         torch.testing.assert_close(s.tra[b], acc)
 
 
+
+def test_score_counts_ties_as_argmax_does(monkeypatch):
+    """Tied logits: a token is right only where it is the first maximum, as with argmax."""
+    m = _model()
+    ids, mask = _batch(m.config)
+    ids[0, :4] = torch.tensor([1, 2, 3, 2])
+    logits = torch.zeros(ids.shape[0], m.config.seq_len, m.config.vocab_size)
+    logits[0, :4, 2:4] = 1.0  # tokens 2 and 3 tie for the maximum; argmax says 2
+    monkeypatch.setattr(m, "decode", lambda z, positions=None: logits)
+    s = m.score(ids, mask)
+    hits = (logits.argmax(-1) == ids) & mask
+    assert hits[0, :4].tolist() == [False, True, False, True]
+    torch.testing.assert_close(s.n_correct, hits.sum(1))
+
 def test_score_precision():
     """auto is fp32 on CPU (identical to fp32); bf16 runs the model under bf16 autocast:
     the losses move by bf16 rounding only, the latents come back as fp32."""
