@@ -42,8 +42,27 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)
+}
+
+
+def check_field_types(cls: type, values: dict[str, Any]) -> None:
+    """ValueError naming the first of ``values`` whose type does not fit ``cls``'s field
+    (int, float, bool and str fields; a bool is not a number here)."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        want, v = _FIELD_TYPES.get(name), values[f.name]
+        if want and not (isinstance(v, want) and (name == "bool" or not isinstance(v, bool))):
+            raise ValueError(f"{cls.__name__}.{f.name} must be {name}, got {v!r}")
+
+
 def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build a config dataclass, refusing unknown or missing fields."""
+    """Build a config dataclass, refusing unknown or missing fields and wrong types."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cls.__name__}: the config must be a JSON object, got {data!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     missing = sorted(names - set(data))
@@ -55,7 +74,26 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
             parts.append(f"missing fields {missing}")
         raise CheckpointError(f"{cls.__name__}: " + "; ".join(parts))
     fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        check_field_types(cls, fixed)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     return cls(**fixed)
+
+
+def check_tokenizer(ckpt: str | os.PathLike, dataset: Any) -> None:
+    """CheckpointError when ``dataset``'s ids come from another tokenizer than the one
+    saved with checkpoint ``ckpt`` (the numbers would be meaningless, or an index error)."""
+    from cir.data.tokenizer import tokenizer_hash
+
+    saved = Path(ckpt) / TOKENIZER_FILE
+    built = (getattr(dataset, "manifest", None) or {}).get("tokenizer_sha256")
+    if built and saved.is_file() and tokenizer_hash(saved) != built:
+        where = getattr(dataset, "root", "the dataset")
+        raise CheckpointError(
+            f"{where} was built with another tokenizer than {ckpt}'s; rebuild it with "
+            f"`route-cli data build ... --tokenizer {saved}`"
+        )
 
 
 def model_class(kind: str) -> type[nn.Module]:

@@ -26,8 +26,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +55,7 @@ from cir.checkpoint import (
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".train.lock"  # held by the run writing the directory
 # Fields that may change when a run is resumed: bookkeeping, and where the schedule ends
 # (`steps`, `decay_frac`; a wsd run lengthened in its constant phase equals a longer run).
 _RESUMABLE_CHANGES = {
@@ -418,12 +419,40 @@ def evaluate(
     return {f"val_{k}": v for k, v in totals.items()}
 
 
+@contextmanager
+def _exclusive(out_dir: Path, main: bool) -> Iterator[None]:
+    """Hold ``out_dir``'s lock for the run (the main rank), or fail at once naming it."""
+    if not main:
+        yield
+        return
+    import filelock
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with filelock.FileLock(str(out_dir / LOCK_FILE), timeout=0):
+            yield
+    except filelock.Timeout:
+        raise CheckpointError(
+            f"{out_dir}: another training run is writing there; wait for it or use another --out"
+        ) from None
+
+
 def _prepare_out_dir(out_dir: Path, model: nn.Module, tokenizer: str | Path | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / "config.json").is_file():
         write_config(out_dir, unwrap(model))
-    if tokenizer is not None and not (out_dir / TOKENIZER_FILE).is_file():
-        shutil.copyfile(tokenizer, out_dir / TOKENIZER_FILE)
+    from cir.data.tokenizer import tokenizer_hash
+
+    saved = out_dir / TOKENIZER_FILE
+    if tokenizer is None:
+        return
+    if not saved.is_file():
+        shutil.copyfile(tokenizer, saved)
+    elif tokenizer_hash(saved) != tokenizer_hash(tokenizer):
+        raise CheckpointError(
+            f"{out_dir} holds a run trained on data from another tokenizer than {tokenizer}; "
+            "use the same data to resume, or another --out"
+        )
 
 
 def train(
@@ -460,73 +489,74 @@ def train(
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     opt = make_optimizer(model, cfg, device)
-    if ddp.main:
-        _prepare_out_dir(out_dir, model, tokenizer)
-    if ddp.world > 1:
-        dist.barrier()
-    resumed = _resume(out_dir, model, opt, cfg)
-    warm = resumed is None and init_from is not None  # out_dir's own checkpoint wins
-    if warm:
-        s0 = _init_weights(init_from, model, cfg)
-        resumed = (s0, s0)
-    start, warm_start = resumed or (0, None)
-    net: nn.Module = model
-    if ddp.world > 1:
-        net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    def forward(ids: torch.Tensor, mask: torch.Tensor):
-        return loss_fn(net, ids, mask)
-
-    if cfg.compile:
+    with _exclusive(out_dir, ddp.main):  # one run at a time writes a checkpoint directory
+        if ddp.main:
+            _prepare_out_dir(out_dir, model, tokenizer)
         if ddp.world > 1:
-            net = torch.compile(net)  # DDP's bucketed all-reduce wants the module compiled
-        else:  # the loss too: its float logits and softmax fuse with the LM head
-            forward = torch.compile(forward)
-    log = _Logger(out_dir / METRICS_FILE, ddp, on_log, cfg, model, device)
-    if warm:  # where the optimizer restarted, for whoever reads the curves
-        log.event({"event": "warm_start", "step": start, "init_from": str(init_from)})
-    result = TrainResult(out_dir=out_dir, step=start, resumed_from=start)
-    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
-    per_rank = cfg.batch_size // ddp.world
-    for step in range(start, end):
-        lr = lr_at(step, cfg, warm_start)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = batch_indices(cfg.seed, step, cfg.batch_size, len(train_data))
-        idx = idx[ddp.rank * per_rank : (ddp.rank + 1) * per_rank]
-        ids, mask = (t.to(device, non_blocking=True) for t in train_data.get_batch(idx))
-        with autocast_for(device, cfg.precision):
-            loss, metrics = forward(ids, mask)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
-        if (
-            cfg.max_wall_s > 0
-            and done % cfg.log_every == 0
-            and _out_of_time(t_start, cfg, ddp, device)
-        ):
-            end = done  # out of wall time: log, evaluate and checkpoint this step, then stop
-        log.tokens = log.tokens + mask.sum() * ddp.world  # stays on device: no sync per step
-        if done % cfg.log_every == 0 or done == end:
-            result.last = log.train(done, loss, metrics, lr, grad_norm)
-        if val_data is not None and (done % cfg.eval_every == 0 or done == end):
-            result.last_eval = log.eval(done, evaluate(model, loss_fn, val_data, cfg, device))
-        if done % cfg.ckpt_every == 0 or done == end:
-            if ddp.main:
-                _save(out_dir, model, opt, done, cfg, warm_start)
-                log.event({"event": "checkpoint", "step": done})
+            dist.barrier()
+        resumed = _resume(out_dir, model, opt, cfg)
+        warm = resumed is None and init_from is not None  # out_dir's own checkpoint wins
+        if warm:
+            s0 = _init_weights(init_from, model, cfg)
+            resumed = (s0, s0)
+        start, warm_start = resumed or (0, None)
+        net: nn.Module = model
+        if ddp.world > 1:
+            net = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor):
+            return loss_fn(net, ids, mask)
+
+        if cfg.compile:
             if ddp.world > 1:
-                dist.barrier()
-        result.step = done
-        if done >= end:
-            break
-    result.stopped_early = result.step < cfg.steps
-    result.wall_s = time.perf_counter() - t_start
-    return result
+                net = torch.compile(net)  # DDP's bucketed all-reduce wants the module compiled
+            else:  # the loss too: its float logits and softmax fuse with the LM head
+                forward = torch.compile(forward)
+        log = _Logger(out_dir / METRICS_FILE, ddp, on_log, cfg, model, device)
+        if warm:  # where the optimizer restarted, for whoever reads the curves
+            log.event({"event": "warm_start", "step": start, "init_from": str(init_from)})
+        result = TrainResult(out_dir=out_dir, step=start, resumed_from=start)
+        end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+        per_rank = cfg.batch_size // ddp.world
+        for step in range(start, end):
+            lr = lr_at(step, cfg, warm_start)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = batch_indices(cfg.seed, step, cfg.batch_size, len(train_data))
+            idx = idx[ddp.rank * per_rank : (ddp.rank + 1) * per_rank]
+            ids, mask = (t.to(device, non_blocking=True) for t in train_data.get_batch(idx))
+            with autocast_for(device, cfg.precision):
+                loss, metrics = forward(ids, mask)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            if (
+                cfg.max_wall_s > 0
+                and done % cfg.log_every == 0
+                and _out_of_time(t_start, cfg, ddp, device)
+            ):
+                end = done  # out of wall time: log, evaluate and checkpoint this step, then stop
+            log.tokens = log.tokens + mask.sum() * ddp.world  # stays on device: no sync per step
+            if done % cfg.log_every == 0 or done == end:
+                result.last = log.train(done, loss, metrics, lr, grad_norm)
+            if val_data is not None and (done % cfg.eval_every == 0 or done == end):
+                result.last_eval = log.eval(done, evaluate(model, loss_fn, val_data, cfg, device))
+            if done % cfg.ckpt_every == 0 or done == end:
+                if ddp.main:
+                    _save(out_dir, model, opt, done, cfg, warm_start)
+                    log.event({"event": "checkpoint", "step": done})
+                if ddp.world > 1:
+                    dist.barrier()
+            result.step = done
+            if done >= end:
+                break
+        result.stopped_early = result.step < cfg.steps
+        result.wall_s = time.perf_counter() - t_start
+        return result
 
 
 def _out_of_time(t_start: float, cfg: TrainConfig, ddp: _Dist, device: torch.device) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,8 +22,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console()
-err_console = Console(stderr=True)
+# emoji codes off: a path such as `a:train:b.py` prints as written
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,7 +50,8 @@ def handle_errors(fn: F) -> F:
             if os.environ.get("CIR_TRACEBACK"):
                 raise
             name = "error" if isinstance(exc, CliError) else type(exc).__name__
-            err_console.print(f"[bold red]{name}:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]{name}:[/] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -69,8 +73,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def print_json(obj: Any) -> None:
-    """Machine output on stdout, nothing else."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Machine output on stdout, nothing else: strict JSON (NaN and infinities as null)."""
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` as plain JSON values, non-finite floats as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    return _finite(_json_default(obj))
 
 
 def _json_default(obj: Any) -> Any:
@@ -98,3 +115,23 @@ def progress(disable: bool = False) -> Progress:
         disable=disable,
         transient=False,
     )
+
+
+def print_train_result(title: str, result: Any, as_json: bool) -> None:
+    """A training run's outcome (``cir.train.TrainResult``): JSON, or a metrics table."""
+    if as_json:
+        print_json({"out_dir": str(result.out_dir), "step": result.step,
+                    "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
+                    "last": result.last, "last_eval": result.last_eval, "wall_s": result.wall_s})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{title} -> {result.out_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in {**result.last, **result.last_eval}.items():
+        table.add_row(key, f"{value:.4g}")
+    resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+    table.add_row("steps", f"{result.step}{resumed}")
+    table.add_row("wall time", f"{result.wall_s:.1f} s")
+    console.print(table)

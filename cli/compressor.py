@@ -12,6 +12,7 @@ from cir.cli.common import (
     handle_errors,
     parse_overrides,
     print_json,
+    print_train_result,
     progress,
 )
 from rich.table import Table
@@ -98,21 +99,7 @@ def train_cmd(
         result = train_compressor(data, out, preset=preset, train_cfg=cfg,
                                   overrides=parse_overrides(set_), on_log=on_log,
                                   init_from=init_from)
-    payload = {"out_dir": str(result.out_dir), "step": result.step,
-               "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
-               "last": result.last,
-               "last_eval": result.last_eval, "wall_s": result.wall_s}
-    if as_json:
-        print_json(payload)
-        return
-    table = Table(title=f"compressor ({preset}) -> {result.out_dir}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in {**result.last, **result.last_eval}.items():
-        table.add_row(key, f"{value:.4g}")
-    table.add_row("steps", f"{result.step} (resumed from {result.resumed_from})")
-    table.add_row("wall time", f"{result.wall_s:.1f} s")
-    console.print(table)
+    print_train_result(f"compressor ({preset})", result, as_json)
 
 
 def _open_eval_data(name: str, split: str, model: Any) -> Any:
@@ -184,7 +171,7 @@ def eval_cmd(
         unigram_auroc_table,
     )
 
-    from cir.checkpoint import load_checkpoint
+    from cir.checkpoint import check_tokenizer, load_checkpoint
     from cir.train import PRECISIONS
 
     if precision not in PRECISIONS:
@@ -199,6 +186,8 @@ def eval_cmd(
     other = split if ood_split is None else ood_split
     datasets = {name: _open_eval_data(name, other if i else split, model)
                 for i, name in enumerate(data)}
+    for d in datasets.values():
+        check_tokenizer(ckpt, d)
     if worst:  # a broken document index fails here, before any scoring
         for d in datasets.values():
             if hasattr(d, "documents"):

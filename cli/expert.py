@@ -13,6 +13,7 @@ from cir.cli.common import (
     handle_errors,
     parse_overrides,
     print_json,
+    print_train_result,
     progress,
 )
 from rich.table import Table
@@ -61,29 +62,16 @@ def train_cmd(
 
         result = train_expert(data, out, arch=arch, preset=preset, train_cfg=cfg,
                               overrides=parse_overrides(set_), on_log=on_log)
-    payload = {"out_dir": str(result.out_dir), "step": result.step,
-               "resumed_from": result.resumed_from, "last": result.last,
-               "last_eval": result.last_eval, "wall_s": result.wall_s}
-    if as_json:
-        print_json(payload)
-        return
-    table = Table(title=f"{arch} ({preset}) -> {result.out_dir}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in {**result.last, **result.last_eval}.items():
-        table.add_row(key, f"{value:.4g}")
-    table.add_row("steps", f"{result.step} (resumed from {result.resumed_from})")
-    table.add_row("wall time", f"{result.wall_s:.1f} s")
-    console.print(table)
+    print_train_result(f"{arch} ({preset})", result, as_json)
 
 
 @handle_errors
 def generate_cmd(
     ckpt: Path = typer.Argument(..., help="Expert LM checkpoint directory."),
     prompt: str = typer.Option("", "--prompt", help="Text to continue."),
-    max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
+    max_new_tokens: int = typer.Option(64, min=0, help="Tokens to generate."),
     temperature: float = typer.Option(0.8, help="0 = greedy."),
-    top_k: int = typer.Option(50, help="Sample from the k most likely tokens (0 = all)."),
+    top_k: int = typer.Option(50, min=0, help="Sample from the k most likely tokens (0 = all)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

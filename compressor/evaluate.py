@@ -84,7 +84,8 @@ def score_dataset(
         if on_batch is not None:
             on_batch(len(ids))
     if not parts:
-        raise ValueError("dataset has no chunks to evaluate")
+        where = getattr(data, "root", "dataset")
+        raise ValueError(f"{where}: no chunks to evaluate in split {getattr(data, 'split', '?')}")
     return ChunkScores.cat(parts)
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cir.checkpoint import config_from_dict, config_to_dict
+from cir.checkpoint import check_field_types, config_from_dict, config_to_dict
 
 
 @dataclass
@@ -85,6 +85,7 @@ class CompressorConfig:
             raise ValueError(
                 f"CompressorConfig has no fields {unknown}; valid: {', '.join(sorted(fields))}"
             )
+        check_field_types(cls, overrides)
         return cls(**{**cls.presets[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:

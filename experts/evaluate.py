@@ -47,20 +47,25 @@ def dataset_perplexity(
 ) -> dict[str, Any]:
     """Perplexity of a checkpoint directory (or a model) over the first ``max_chunks``
     chunks of ``dataset`` (an opened ``ChunkDataset`` or a name/path opened at ``split``)."""
-    model = ckpt_or_model
-    if not isinstance(model, nn.Module):
-        from cir.checkpoint import load_checkpoint
-
-        model = load_checkpoint(ckpt_or_model, device=device or "cpu")
-    elif device is not None:
-        model = model.to(device)
+    if max_chunks is not None and max_chunks < 1:
+        raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
     if isinstance(dataset, (str, Path)):
         from cir.data import open_dataset
 
         dataset = open_dataset(str(dataset), split)
+    model = ckpt_or_model
+    if not isinstance(model, nn.Module):
+        from cir.checkpoint import check_tokenizer, load_checkpoint
+
+        model = load_checkpoint(ckpt_or_model, device=device or "cpu")
+        if getattr(model, "kind", None) == "compressor":
+            raise ValueError(f"{ckpt_or_model}: a compressor checkpoint, not a language model")
+        check_tokenizer(ckpt_or_model, dataset)
+    elif device is not None:
+        model = model.to(device)
     n = len(dataset) if max_chunks is None else min(len(dataset), max_chunks)
     if n == 0:
-        raise ValueError("the dataset has no chunks to evaluate")
+        raise ValueError(f"{getattr(dataset, 'root', 'the dataset')} has no {split} chunks to evaluate")
     parts = [
         perplexity(model, *dataset.get_batch(np.arange(s, min(n, s + batch_size))), batch_size)
         for s in range(0, n, batch_size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -38,6 +40,15 @@ def generate(
     ids = prompt_ids if prompt_ids.dim() == 2 else prompt_ids[None]
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None: all tokens), got {top_k}")
+    if not hasattr(model, "new_cache"):
+        raise ValueError(f"a {getattr(model, 'kind', type(model).__name__)} model cannot "
+                         "generate: give an expert LM checkpoint")
     device = next(model.parameters()).device
     ids = ids.to(device)
     generator = None

@@ -253,6 +253,9 @@ class PresetConfig:
             raise ValueError(
                 f"unknown {cls.__name__} preset {name!r}; valid: {', '.join(cls.PRESETS)}"
             )
+        from cir.checkpoint import check_field_types
+
+        check_field_types(cls, overrides)  # type: ignore[arg-type]
         return cls(**{**cls.PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:

@@ -140,6 +140,9 @@ def test_truncated_weights(ckpt, reg):
     (lambda c: c["config"].pop("n_heads"), "missing fields"),
     (lambda c: c.update(kind="gpt9"), "unknown model kind"),
     (lambda c: c.pop("config"), "malformed config"),
+    (lambda c: c.update(config=None), "must be a JSON object"),
+    (lambda c: c["config"].update(n_heads="two"), "n_heads must be int, got 'two'"),
+    (lambda c: c["config"].update(dropout=True), "dropout must be float, got True"),
 ])
 def test_bad_config_json(ckpt, edit, message):
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -218,6 +221,10 @@ def test_score_out_of_range_numbers(reg, tmp_path, args, message):
      "valid: debug, small, base, paper"),
     (["expert", "train", "--data", "DATA", "--out", "OUT", "--preset", "huge"],
      "valid: debug, small, paper-41m"),
+    (["compressor", "train", "--data", "DATA", "--out", "OUT", "--preset", "debug",
+      "--set", "d_model=abc"], "d_model must be int, got 'abc'"),
+    (["expert", "train", "--data", "DATA", "--out", "OUT", "--preset", "debug",
+      "--set", "n_embd=[1, 2]"], "n_embd must be int, got [1, 2]"),
 ])
 def test_cli_bad_numbers_and_presets(args, message, tiny_corpus, tiny_dataset, tmp_path):
     subst = {"SRC": str(tiny_corpus / "prose"), "DATA": str(tiny_dataset),
@@ -229,3 +236,21 @@ def test_cli_bad_numbers_and_presets(args, message, tiny_corpus, tiny_dataset, t
     assert res.exit_code == 2, res.output
     assert message in res.output and len(res.output.strip().splitlines()) <= 2
     assert not (tmp_path / "registry" / "x").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["x[/]", "in/[bold]weird", "a:train:b"])
+def test_errors_print_user_text_as_written(name, tmp_path):
+    """Markup brackets and emoji codes in a name reach the one-line error unchanged."""
+    res = CliRunner().invoke(app, ["data", "info", name])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert name in res.output and len(res.output.strip().splitlines()) <= 2
+
+
+def test_json_output_is_strict_json(capsys):
+    import numpy as np
+    from cir.cli.common import print_json
+
+    print_json({"nan": float("nan"), "inf": [1.5, float("-inf")], "np": np.float32("nan"),
+                "ints": np.arange(2), "path": Path("a/b")})
+    out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))
+    assert out == {"nan": None, "inf": [1.5, None], "np": None, "ints": [0, 1], "path": "a/b"}

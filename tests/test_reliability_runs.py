@@ -1,0 +1,83 @@
+"""Runs that must not mix: two trainings in one directory, a resume on data from another
+tokenizer, a checkpoint scored on such data, and models asked for what they cannot do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import filelock
+import pytest
+import torch
+from _router_helpers import make_checkpoints
+from cir.cli.main import app
+from cir.compressor.train import default_train_config, train_compressor
+from cir.experts.evaluate import dataset_perplexity
+from cir.experts.generate import generate
+from typer.testing import CliRunner
+
+from cir.checkpoint import CheckpointError, load_checkpoint
+from cir.train import LOCK_FILE
+
+
+def _cfg(steps: int):
+    return default_train_config("debug", steps=steps, device="cpu", eval_every=1000)
+
+
+def _other_tokenizer(tokenizer: Path, out: Path) -> Path:
+    """The same vocabulary in another file (another sha256): what a second build makes."""
+    out.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
+    return out
+
+
+def test_a_second_run_in_the_same_directory_fails_at_once(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with filelock.FileLock(str(out / LOCK_FILE), timeout=0):  # a run in progress
+        with pytest.raises(CheckpointError, match="another training run is writing there"):
+            train_compressor(tiny_dataset, out, preset="debug", train_cfg=_cfg(2))
+    assert not (out / "model.safetensors").exists()
+    res = train_compressor(tiny_dataset, out, preset="debug", train_cfg=_cfg(2))  # free again
+    assert res.step == 2
+
+
+def test_resume_refuses_data_from_another_tokenizer(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    train_compressor(tiny_dataset, out, preset="debug", train_cfg=_cfg(2))
+    before = (out / "model.safetensors").read_bytes()
+    _other_tokenizer(out / "tokenizer.json", out / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        train_compressor(tiny_dataset, out, preset="debug", train_cfg=_cfg(4))
+    assert (out / "model.safetensors").read_bytes() == before  # nothing written
+
+
+def test_eval_and_perplexity_refuse_data_from_another_tokenizer(tiny_dataset, tiny_tokenizer,
+                                                                tmp_path):
+    other = _other_tokenizer(tiny_tokenizer, tmp_path / "other.json")
+    comp, lm = make_checkpoints(tmp_path / "ck", other)
+    res = CliRunner().invoke(app, ["compressor", "eval", str(comp), "--data", str(tiny_dataset)])
+    assert res.exit_code == 2 and "another tokenizer" in res.output, res.output
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        dataset_perplexity(lm, tiny_dataset, split="train")
+    same_comp, same_lm = make_checkpoints(tmp_path / "same", tiny_tokenizer)
+    assert dataset_perplexity(same_lm, tiny_dataset, split="train", max_chunks=2)["n_chunks"] == 2
+
+
+def test_models_asked_for_what_they_cannot_do(tiny_dataset, tiny_tokenizer, tmp_path):
+    comp, lm = make_checkpoints(tmp_path / "ck", tiny_tokenizer)
+    with pytest.raises(ValueError, match="not a language model"):
+        dataset_perplexity(comp, tiny_dataset, split="train")
+    with pytest.raises(ValueError, match="max_chunks must be >= 1"):
+        dataset_perplexity(lm, tiny_dataset, split="train", max_chunks=-1)
+    res = CliRunner().invoke(app, ["generate", str(comp), "--prompt", "def "])
+    assert res.exit_code == 2 and "cannot generate" in res.output, res.output
+    model, prompt = load_checkpoint(lm), torch.tensor([5, 6, 7])
+    for kw, message in [(dict(max_new_tokens=-3), "max_new_tokens must be >= 0"),
+                        (dict(max_new_tokens=2, temperature=-1.0), "temperature must be >= 0"),
+                        (dict(max_new_tokens=2, temperature=float("nan")), "temperature"),
+                        (dict(max_new_tokens=2, top_k=0), "top_k must be >= 1")]:
+        with pytest.raises(ValueError, match=message):
+            generate(model, prompt, **kw)
+    assert generate(model, prompt, max_new_tokens=0).shape == (1, 3)
+    res = CliRunner().invoke(app, ["generate", str(lm), "--top-k", "-1"])
+    assert res.exit_code == 2
