@@ -302,7 +302,13 @@ def _save(
 
 
 def _load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # a torn or foreign file
+        raise CheckpointError(
+            f"{path}: unreadable training state ({str(exc).splitlines()[0]}); train into "
+            f"another --out, with --init-from {path.parent} to continue from its weights"
+        ) from None
 
 
 def _consistent_step(out_dir: Path) -> int | None:

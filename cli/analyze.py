@@ -274,11 +274,11 @@ def index_build_cmd(
 @handle_errors
 def explain_cmd(
     file: Path = typer.Argument(..., help="Text file to explain."),
-    k: int = typer.Option(3, "--k", help="Nearest training chunks per expert."),
+    k: int = typer.Option(3, "--k", min=1, help="Nearest training chunks per expert."),
     registry: Path | None = typer.Option(None, "--registry", help="Registry directory."),
     index: Path | None = typer.Option(None, "--index", help="Indexes built with "
                                       "`index build --out DIR` (default: in the registry)."),
-    max_chunks: int | None = typer.Option(20, help="First chunks of the file to explain."),
+    max_chunks: int | None = typer.Option(20, min=1, help="First chunks of the file to explain."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Explain a route: each chunk's nearest training chunks under every expert.

@@ -41,7 +41,7 @@ def train_cmd(
     schedule: str | None = typer.Option(None, help="cosine | wsd (constant, then a linear "
                                         "decay over the last 20% of the steps)."),
     seed: int = typer.Option(0, help="Seed of the initialisation and the batch order."),
-    max_minutes: float = typer.Option(0.0, help="Stop (with a checkpoint) after this long; 0 = no limit."),
+    max_minutes: float = typer.Option(0.0, min=0.0, help="Stop (with a checkpoint) after this long; 0 = no limit."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     set_: list[str] = typer.Option([], "--set", help="Model config override key=value."),

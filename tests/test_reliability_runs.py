@@ -81,3 +81,28 @@ def test_models_asked_for_what_they_cannot_do(tiny_dataset, tiny_tokenizer, tmp_
     assert generate(model, prompt, max_new_tokens=0).shape == (1, 3)
     res = CliRunner().invoke(app, ["generate", str(lm), "--top-k", "-1"])
     assert res.exit_code == 2
+
+
+def test_a_torn_training_state_names_itself_and_the_way_on(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    train_compressor(tiny_dataset, out, preset="debug", train_cfg=_cfg(2))
+    state = out / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="train_state.pt: unreadable training state"):
+        train_compressor(tiny_dataset, out, preset="debug", train_cfg=_cfg(4))
+    res = train_compressor(tiny_dataset, tmp_path / "again", preset="debug", train_cfg=_cfg(4),
+                           init_from=out)  # the way the message names
+    assert res.resumed_from == 2 and res.step == 4
+
+
+@pytest.mark.parametrize("args", [["explain", "FILE", "--k", "0"],
+                                  ["explain", "FILE", "--max-chunks", "-1"],
+                                  ["compressor", "train", "--data", "D", "--out", "OUT",
+                                   "--max-minutes", "-1"]])
+def test_out_of_range_options_are_refused_before_work(args, tmp_path):
+    f = tmp_path / "a.py"
+    f.write_text("x = 1\n")
+    args = [{"FILE": str(f), "OUT": str(tmp_path / "out")}.get(a, a) for a in args]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "Invalid value" in res.output
+    assert not (tmp_path / "out").exists()
