@@ -21,6 +21,7 @@ def _registry(path: Path | None):
 
 def _load_experts(reg: Any, quiet: bool) -> tuple[list[Any], Any, list[tuple[str, str]]]:
     from cir.data import load_tokenizer
+    from cir.router.routing import seq_len_of
 
     result = reg.load()
     for name, error in result.errors:
@@ -30,6 +31,10 @@ def _load_experts(reg: Any, quiet: bool) -> tuple[list[Any], Any, list[tuple[str
         hint = "; ".join(f"{n}: {e}" for n, e in result.errors) or "none mounted"
         fail(f"no usable expert in {reg.root} ({hint}); run `route-cli quickstart` "
              "or `route-cli mount NAME --source SRC`")
+    try:
+        seq_len_of(result.experts)
+    except ValueError as exc:  # mounted before mount refused another chunk length
+        fail(f"{reg.root}: {exc}")
     return result.experts, load_tokenizer(reg.tokenizer_path), result.errors
 
 
@@ -103,8 +108,13 @@ def score_cmd(
 
     Example: route-cli score src/app.py notes.txt --per-chunk
     """
+    from cir.router.routing import check_temperature
     from cir.router.score import score_paths
 
+    try:
+        check_temperature(temperature)
+    except ValueError as exc:
+        fail(f"--{exc}")
     reg = _registry(registry)
     experts, tok, errors = _load_experts(reg, as_json)
     on_file = None if as_json else (lambda rep: render_report(rep, per_chunk))
@@ -199,9 +209,11 @@ def experts_cmd(
 
     Example: route-cli experts --json
     """
+    from cir.router.mount import mounted_chunk_lens
     from cir.router.registry import RegistryError
 
     reg = _registry(registry)
+    lens = mounted_chunk_lens(reg)
     rows = []
     for name, error in reg.check():
         try:
@@ -213,7 +225,8 @@ def experts_cmd(
                      "source": meta.get("source"), "bytes": meta.get("bytes"),
                      "params": meta.get("params"), "threshold": cal.get("threshold"),
                      "loss_threshold": cal.get("loss_threshold"),
-                     "tra_mean": cal.get("tra_mean"), "created_at": meta.get("created_at")})
+                     "tra_mean": cal.get("tra_mean"), "created_at": meta.get("created_at"),
+                     "seq_len": lens.get(name)})
     if as_json:
         print_json({"registry": str(reg.root), "experts": rows})
         return
@@ -245,6 +258,14 @@ def _render_experts(reg: Any, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if not r["ok"]:
             console.print(f"[red]corrupted:[/] {r['error']} (unmount and mount it again)")
+    by_len: dict[int, list[str]] = {}
+    for r in rows:
+        if r["seq_len"] is not None:
+            by_len.setdefault(r["seq_len"], []).append(r["name"])
+    if len(by_len) > 1:
+        groups = "; ".join(f"{', '.join(n)}: {k}" for k, n in sorted(by_len.items()))
+        console.print(f"[red]chunk lengths differ[/] (tokens: {groups}): `route-cli score` "
+                      "refuses this registry until the odd experts are unmounted")
 
 
 # ----------------------------------------------------------------------------- quickstart
@@ -287,16 +308,21 @@ def quickstart_cmd(
 # ----------------------------------------------------------------------------- perplexity
 
 
-def _file_chunks(path: str, tok: Any, seq_len: int) -> tuple[Any, Any]:
+def _file_chunks(path: Path, tok: Any, seq_len: int, max_chunks: int | None) -> tuple[Any, Any]:
+    """The first ``max_chunks`` chunks (default all) of a text file: ``ids, mask [N, T]``."""
     import numpy as np
     import torch
     from cir.data import iter_text_chunks
 
-    parts = list(iter_text_chunks(path, tok, seq_len))
-    if not parts:
-        fail(f"{path}: no text to score")
-    ids = torch.from_numpy(np.concatenate([p[0] for p in parts]))  # [N, T]
-    lengths = torch.from_numpy(np.concatenate([p[1] for p in parts]))  # [N]
+    ids_parts, len_parts, n = [], [], 0
+    for ids, lengths in iter_text_chunks(path, tok, seq_len):
+        ids_parts.append(ids)
+        len_parts.append(lengths)
+        n += len(ids)
+        if max_chunks is not None and n >= max_chunks:
+            break
+    ids = torch.from_numpy(np.concatenate(ids_parts)[:max_chunks])  # [N, T]
+    lengths = torch.from_numpy(np.concatenate(len_parts)[:max_chunks])  # [N]
     return ids, torch.arange(ids.shape[1])[None] < lengths[:, None]
 
 
@@ -312,12 +338,15 @@ def perplexity_cmd(
     """Perplexity of an LM on a dataset, or of routed experts on a file.
 
     With --routed: next to the oracle routing (best LM per chunk) and every single
-    expert, so the gain of routing shows.
+    expert, so the gain of routing shows; binary, empty and whitespace-only files are
+    skipped as by `score` (exit code 1).
 
     Example: route-cli perplexity notes.md --routed
     """
+    if max_chunks is not None and max_chunks < 1:
+        fail(f"--max-chunks must be >= 1, got {max_chunks}")
     if routed:
-        _routed_perplexity(target, registry, as_json)
+        _routed_perplexity(target, registry, as_json, max_chunks)
         return
     if data is None:
         fail("give --data DATASET with a checkpoint TARGET, or --routed with a file")
@@ -332,19 +361,35 @@ def perplexity_cmd(
                       f"({row['n_chunks']} chunks, {row['total_tokens']:,} tokens)")
 
 
-def _routed_perplexity(path: str, registry: Path | None, as_json: bool) -> None:
+def _routed_perplexity(path: str, registry: Path | None, as_json: bool,
+                       max_chunks: int | None) -> None:
+    from contextlib import ExitStack
+
     from cir.router.continual import lm_comparison
     from cir.router.routing import seq_len_of
+    from cir.router.score import FileReport, open_input
 
     reg = _registry(registry)
     experts, tok, _ = _load_experts(reg, as_json)
-    if not Path(path).is_file():
-        fail(f"{path}: not a file")
-    ids, mask = _file_chunks(path, tok, seq_len_of(experts))
+    with ExitStack() as stack:
+        try:
+            opened = open_input(path, stack)
+        except OSError as exc:
+            opened = FileReport(path, "error", f"unreadable: {exc.strerror or exc}")
+        if isinstance(opened, FileReport):  # the statuses of `score`
+            if as_json:
+                print_json({"file": path, "status": opened.status, "reason": opened.reason})
+            else:
+                render_report(opened)
+            raise typer.Exit(1)
+        source, _, warnings = opened
+        ids, mask = _file_chunks(source, tok, seq_len_of(experts), max_chunks)
     out = lm_comparison(experts, ids, mask)
     if as_json:
-        print_json({"file": path, **out})
+        print_json({"file": path, "status": "ok", "warnings": warnings, **out})
         return
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
     table = Table(title=f"{path}: {out['n_chunks']} chunks, {out['n_tokens']:,} predicted tokens")
     table.add_column("LM choice")
     table.add_column("perplexity", justify="right")

@@ -13,6 +13,12 @@ Steps (each resumable; the training state lives in ``REGISTRY/.work/NAME/``):
    (:func:`cir.router.routing.calibrate`);
 4. register atomically (:meth:`Registry.add_expert`), then delete the work dir.
 
+Refused before anything is written: a chunk length (``seq_len``) other than the mounted
+experts' (they route the same chunks), and resuming an interrupted mount with another
+source, preset, token budget or model shape than it started with (``RESUME_KEYS``, kept
+in ``.work/NAME/mount.json``). A mount that fails before its corpus is built leaves no
+work dir behind.
+
 Existing experts are only read, never written. Two mounts of the same name exclude each
 other through a per-name lock; mounts of different names run side by side.
 """
@@ -41,6 +47,10 @@ LM_TRAIN: dict[str, dict[str, Any]] = {
                   ckpt_every=50, log_every=10),
 }
 LM_PRESET = {"debug": "debug", "small": "small"}
+# What an interrupted mount must be resumed with (steps may change: more steps resume on).
+RESUME_KEYS = ("source", "preset", "max_tokens", "vocab_size", "lm_arch",
+               "compressor_overrides", "lm_overrides")
+RESUME_FILE = "mount.json"
 
 Event = Callable[[dict[str, Any]], None]
 
@@ -85,6 +95,87 @@ def _seq_len_and_vocab(preset: str) -> tuple[int, int]:
 
     p = CompressorConfig.presets[preset]
     return int(p["seq_len"]), int(p["vocab_size"])
+
+
+def chunk_len(cfg: MountConfig) -> int:
+    """The chunk length (tokens) of the compressor this mount would train."""
+    return int(cfg.compressor_overrides.get("seq_len") or _seq_len_and_vocab(cfg.preset)[0])
+
+
+def mounted_chunk_lens(registry: Registry) -> dict[str, int]:
+    """``{name: chunk length}`` of the mounted experts (unreadable ones left out)."""
+    from cir.checkpoint import CheckpointError, read_config
+
+    out = {}
+    for name in registry.names():
+        try:
+            out[name] = int(read_config(registry.root / name / "compressor")[1].seq_len)
+        except (CheckpointError, OSError):
+            continue
+    return out
+
+
+def check_chunk_len(registry: Registry, name: str, cfg: MountConfig) -> None:
+    """Refuse a chunk length other than the mounted experts': they score the same chunks."""
+    lens = mounted_chunk_lens(registry)
+    new = chunk_len(cfg)
+    if not lens or new in lens.values():
+        return
+    used = sorted(set(lens.values()))
+    presets = sorted({str(p) for n in lens if (p := _mounted_preset(registry, n))})
+    as_preset = f" (preset {', '.join(presets)})" if presets else ""
+    raise RegistryError(
+        f"refusing {name}: preset {cfg.preset} chunks text in {new} tokens, the experts of "
+        f"{registry.root} use {'/'.join(map(str, used))}{as_preset}; experts of one registry "
+        "must share one chunk length (use that preset, or another --registry)"
+    )
+
+
+def _mounted_preset(registry: Registry, name: str) -> str | None:
+    try:
+        return (registry.info(name).meta.get("mount_config") or {}).get("preset")
+    except RegistryError:
+        return None
+
+
+def _resume_record(source: Any, cfg: MountConfig) -> dict[str, Any]:
+    """The inputs an interrupted mount must be resumed with, as JSON values."""
+    if isinstance(source, str):
+        src: Any = str(Path(source).resolve()) if Path(source).exists() else source
+    else:
+        src = [str(Path(s).resolve()) for s in source]
+    rec = {"source": src, **{k: getattr(cfg, k) for k in RESUME_KEYS if k != "source"}}
+    return json.loads(json.dumps(rec, sort_keys=True, default=str))
+
+
+_FLAGS = {"source": "--source", "preset": "--preset", "max_tokens": "--max-tokens"}
+
+
+def check_resume(work: Path, name: str, source: Any, cfg: MountConfig) -> None:
+    """Refuse to resume ``work`` with inputs other than those it started with; record them."""
+    path = work / RESUME_FILE
+    new = _resume_record(source, cfg)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if isinstance(old, dict):
+            diffs = [f"{_FLAGS.get(k, k)} {old.get(k)!r}, now {new[k]!r}"
+                     for k in RESUME_KEYS if k in old and old[k] != new[k]]
+            if diffs:
+                raise RegistryError(
+                    f"cannot resume the interrupted mount of {name!r} with other inputs "
+                    f"({'; '.join(diffs)}): re-run it as before, or delete {work} to start over"
+                )
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+
+
+def _worth_resuming(work: Path) -> bool:
+    """A built corpus or a training checkpoint: what a re-run would resume from."""
+    return (work / "data" / "manifest.json").is_file() or any(
+        (work / part).is_dir() and any((work / part).iterdir()) for part in ("compressor", "lm"))
 
 
 def _dataset_ok(data_dir: Path, tokenizer_sha: str | None) -> bool:
@@ -190,6 +281,7 @@ def mount(
     work = registry.work_dir(name)
     if name in registry:
         raise ExpertExistsError(f"an expert named {name!r} is already mounted (unmount it first)")
+    check_chunk_len(registry, name, cfg)
     work.parent.mkdir(parents=True, exist_ok=True)
     try:
         with filelock.FileLock(str(work) + ".lock", timeout=0):
@@ -203,8 +295,22 @@ def _mount_locked(
 ) -> MountResult:
     if name in registry:  # finished by a concurrent mount while we waited
         raise ExpertExistsError(f"an expert named {name!r} is already mounted")
+    check_chunk_len(registry, name, cfg)  # another mount may have finished meanwhile
     registry.cleanup()
     resumed = work.exists()
+    check_resume(work, name, source, cfg)
+    try:
+        return _mount_steps(registry, name, source, cfg, work, emit, resumed)
+    except BaseException:
+        if work.is_dir() and not _worth_resuming(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _mount_steps(
+    registry: Registry, name: str, source: Any, cfg: MountConfig, work: Path, emit: Event,
+    resumed: bool,
+) -> MountResult:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     emit({"stage": "corpus", "name": name})

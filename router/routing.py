@@ -26,6 +26,7 @@ the contiguous runs of chunks with the same route, showing where a file switches
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -176,8 +177,7 @@ def route_chunks(
     """Score ``ids, mask [N, T]`` with every expert's compressor and route each chunk."""
     if not experts:
         raise ValueError("no experts to route to: mount one first")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     losses, tras = [], []
@@ -196,12 +196,29 @@ def route_chunks(
     )
 
 
+def check_temperature(temperature: float) -> float:
+    """``temperature`` if it is a finite number > 0, else a ``ValueError``."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+    return temperature
+
+
 def seq_len_of(experts: list[Routable]) -> int:
-    """The chunk length every compressor of a registry was built for."""
-    lengths = {int(e.compressor.config.seq_len) for e in experts}
-    if len(lengths) != 1:
-        raise ValueError(f"experts disagree on the chunk length: {sorted(lengths)}")
-    return lengths.pop()
+    """The chunk length every compressor of a registry was built for; when they disagree,
+    a ``ValueError`` naming the experts off the most common length."""
+    by_len: dict[int, list[str]] = {}
+    for e in experts:
+        by_len.setdefault(int(e.compressor.config.seq_len), []).append(e.name)
+    if len(by_len) != 1:
+        sizes = sorted((len(names) for names in by_len.values()), reverse=True)
+        common = max(by_len, key=lambda n: len(by_len[n])) if sizes[0] > sizes[1] else None
+        groups = "; ".join(f"{', '.join(names)}: {n}" for n, names in sorted(by_len.items()))
+        odd = sorted(name for n, names in by_len.items() if n != common for name in names)
+        raise ValueError(
+            f"experts disagree on the chunk length (tokens: {groups}); unmount the odd "
+            f"one(s) ({', '.join(odd)}) and mount them again with the others' preset"
+        )
+    return by_len.popitem()[0]
 
 
 def calibrate(

@@ -17,7 +17,10 @@ stray byte in the middle)     ``not valid UTF-8 ...`` says where the first bad b
 shorter than one chunk        scored: one chunk, the tail padded and masked
 huge file                     scored: streamed a few MiB at a time (bounded memory);
                               only per-chunk scores (a few numbers per 512 tokens) are kept
-``-``                         standard input, read whole, then as a file
+``-``, a pipe, a FIFO, a       read once (no size to check), copied to a temp file as it
+device (``<(cmd)``,            is sniffed, then as a file: binary stops the read at once
+``/dev/stdin``)               (``/dev/zero``, ``/dev/urandom``); more than
+                              ``STREAM_MAX_BYTES`` is ``skipped``, ``too large ...``
 ============================  ===========================================================
 
 One bad file never stops the others; the caller decides the exit status (the CLI fails
@@ -30,7 +33,9 @@ import codecs
 import errno
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -46,6 +51,7 @@ DENSITY_WARN_RATIO = 0.5
 SNIFF_BYTES = 8192
 READ_BYTES = 4 * 2**20
 STDIN = "-"
+STREAM_MAX_BYTES = 2**30  # what a pipe or device may hold (it is spooled to a temp file)
 
 
 @dataclass
@@ -169,6 +175,65 @@ def _route_stream(
     return RouteResult.cat(parts)
 
 
+def _spool(src: BinaryIO, dst: BinaryIO) -> tuple[_Sniff, bool]:
+    """Copy a stream into ``dst`` as it is sniffed: ``(what it holds, too large)``.
+
+    Stops at the first binary block, or at ``STREAM_MAX_BYTES``."""
+    over = False
+
+    def blocks() -> Iterator[bytes]:
+        nonlocal over
+        total = 0
+        while block := src.read(READ_BYTES):
+            if total + len(block) > STREAM_MAX_BYTES:  # sniff the head, then stop
+                over, block = True, block[: STREAM_MAX_BYTES - total]
+            total += len(block)
+            dst.write(block)
+            yield block
+            if over:
+                return
+
+    info = sniff(blocks())
+    info.n_bytes = dst.tell()
+    dst.flush()
+    return info, over
+
+
+def open_input(
+    path: str | os.PathLike, stack: ExitStack, stdin: BinaryIO | None = None
+) -> tuple[Path, _Sniff, list[str]] | FileReport:
+    """``(file to chunk, what sniffing found, warnings)``, or the report of an input with
+    nothing to score (missing, directory, binary, empty, ...). ``"-"``, pipes and devices
+    are read once into a temp file kept by ``stack``; an ``OSError`` is the caller's."""
+    name = str(path)
+    if name == STDIN:
+        src = stdin or sys.stdin.buffer
+    else:
+        p = Path(path)
+        if not p.exists():
+            return FileReport(name, "error", _missing_reason(p))
+        if p.is_dir():
+            return FileReport(name, "skipped", "directory")
+        if p.is_file():
+            info = sniff(_file_blocks(p))
+            info.n_bytes = p.stat().st_size
+            return _checked(name, p, info)
+        src = stack.enter_context(open(p, "rb"))  # a pipe or device: st_size says nothing
+    tmp = stack.enter_context(tempfile.NamedTemporaryFile(prefix="cir-score-"))
+    info, over = _spool(src, tmp)
+    if over and not info.binary:
+        return FileReport(name, "skipped", f"too large: more than {STREAM_MAX_BYTES:,} bytes "
+                          "from a pipe or device (save it to a file)", n_bytes=info.n_bytes)
+    return _checked(name, Path(tmp.name), info)
+
+
+def _checked(name: str, source: Path, info: _Sniff) -> tuple[Path, _Sniff, list[str]] | FileReport:
+    skip, warnings = _verdict(info)
+    if skip is not None:
+        return FileReport(name, "skipped", skip, n_bytes=info.n_bytes)
+    return source, info, warnings
+
+
 def score_path(
     path: str | os.PathLike,
     experts: list[Routable],
@@ -178,37 +243,23 @@ def score_path(
     stdin: BinaryIO | None = None,
 ) -> FileReport:
     """Score one file (``"-"`` = ``stdin``, default ``sys.stdin``); never raises for bad input."""
-    from cir.data.chunking import chunk_text, iter_text_chunks
+    from cir.data.chunking import iter_text_chunks
 
     name = str(path)
     seq_len = seq_len_of(experts)
-    data: bytes | None = None
-    try:
-        if name == STDIN:
-            data = (stdin or sys.stdin.buffer).read()
-            info = sniff([data])
-            info.n_bytes = len(data)
-        else:
-            p = Path(path)
-            if not p.exists():
-                return FileReport(name, "error", _missing_reason(p))
-            if p.is_dir():
-                return FileReport(name, "skipped", "directory")
-            info = sniff(_file_blocks(p))
-            info.n_bytes = p.stat().st_size
-    except OSError as exc:
-        return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
-    skip, warnings = _verdict(info)
-    if skip is not None:
-        return FileReport(name, "skipped", skip, n_bytes=info.n_bytes)
-    if data is not None:
-        chunks: ChunkStream = iter([chunk_text(data.decode("utf-8", "replace"), tokenizer, seq_len)])
-    else:
-        chunks = iter_text_chunks(p, tokenizer, seq_len, READ_BYTES)
-    try:
-        result = _route_stream(experts, chunks, temperature, batch_size)
-    except OSError as exc:
-        return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
+    with ExitStack() as stack:
+        try:
+            opened = open_input(path, stack, stdin)
+        except OSError as exc:
+            return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
+        if isinstance(opened, FileReport):
+            return opened
+        source, info, warnings = opened
+        chunks = iter_text_chunks(source, tokenizer, seq_len, READ_BYTES)
+        try:
+            result = _route_stream(experts, chunks, temperature, batch_size)
+        except OSError as exc:
+            return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
     density = _density_warning(experts, info.n_bytes, int(result.n_tokens.sum()))
     return FileReport(name, "ok", None, warnings + density, info.n_bytes, result,
                       tokenizer_ood=bool(density))
