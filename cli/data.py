@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
-from cir.cli.common import console, handle_errors, print_json, progress
+from cir.cli.common import console, err_console, fail, handle_errors, print_json, progress
 from rich.table import Table
 
 data_app = typer.Typer(
@@ -25,6 +29,43 @@ def _progress_callback(bar: Any, task: Any, max_tokens: int | None) -> Any:
                    info=f"{info['documents']:,} docs  {info['tokens']:,} tokens")
 
     return on_progress
+
+
+def _check_name(name: str) -> None:
+    """Dataset names follow the rules of expert names: a plain folder name under datasets."""
+    from cir.router.registry import RegistryError, validate_name
+
+    try:
+        validate_name(name)
+    except RegistryError:
+        fail(f"invalid dataset name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+             "starting with a letter or digit (no '/', '..' or spaces)")
+
+
+@contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so a build cleans up its temp folder as on
+    Ctrl-C (later SIGTERMs are ignored during the clean-up); the exit code is then 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    terminated = False
+
+    def on_term(signum: int, frame: Any) -> None:
+        nonlocal terminated
+        terminated = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if terminated:
+            raise typer.Exit(128 + signal.SIGTERM) from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @data_app.command("build")
@@ -51,8 +92,11 @@ def build_cmd(
 
     from cir.paths import datasets_dir
 
+    _check_name(name)
+    if max_tokens is not None and max_tokens < 1:
+        fail(f"--max-tokens must be >= 1, got {max_tokens}")
     target = out if out is not None else datasets_dir() / name
-    with progress(disable=as_json) as bar:
+    with _term_as_interrupt(), progress(disable=as_json) as bar:
         task = bar.add_task("reading", total=None, info="")
         manifest = build_dataset(
             target, source, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq_len,
@@ -144,7 +188,7 @@ def sources_cmd(as_json: bool = typer.Option(False, "--json", help="Print the li
 def show_cmd(
     name: str = typer.Argument(..., help="Dataset name (under $CIR_HOME/datasets) or directory."),
     split: str = typer.Option("val", help="train | val | test"),
-    n: int = typer.Option(3, "-n", help="How many chunks."),
+    n: int = typer.Option(3, "-n", min=1, help="How many chunks."),
     seed: int = typer.Option(0, help="Seed of the random pick."),
     as_json: bool = typer.Option(False, "--json", help="Print the chunks as JSON."),
 ) -> None:
@@ -156,6 +200,9 @@ def show_cmd(
     from rich.panel import Panel
 
     chunks = sample_chunks(name, split, n, seed)
+    if not chunks:
+        err_console.print(f"the {split} split of {name} is empty: no chunks to show", highlight=False,
+                          markup=False)
     if as_json:
         print_json(chunks)
         return

@@ -240,13 +240,15 @@ def build_dataset(
 
     ``tokenizer`` is a tokenizer.json path; without one a byte-level BPE of ``vocab_size``
     is trained on the train split. ``max_tokens`` stops once the train split has that many
-    tokens. See the module docstring for the layout.
+    tokens. ``overwrite`` replaces a dataset or an empty folder, nothing else. See the
+    module docstring for the layout.
     """
     out = Path(out_dir)
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"dataset already exists: {out} (pass overwrite to replace it)")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max-tokens must be >= 1, got {max_tokens}")
+    _check_replaceable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
@@ -299,16 +301,30 @@ def _build_into(
     return manifest
 
 
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """Refuse an existing ``out`` unless ``overwrite`` and it is a dataset or an empty folder."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"dataset already exists: {out} (pass overwrite to replace it)")
+    if not out.is_dir():
+        raise FileExistsError(f"{out} is not a folder: overwrite replaces only a dataset")
+    if not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not a dataset (no manifest.json) and not empty: "
+                              "overwrite replaces only a dataset")
+
+
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished build into place; an old dataset goes only once the new one is there."""
     old = None
-    if out.exists() and not overwrite:  # appeared while we were building
-        raise FileExistsError(f"dataset already exists: {out} (pass overwrite to replace it)")
+    _check_replaceable(out, overwrite)  # again: it may have appeared while we were building
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
         os.replace(out, old)
     os.replace(tmp, out)
-    if old is not None:
+    if old is not None and old.is_symlink():  # a link to the old dataset: the link goes
+        old.unlink()
+    elif old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -540,6 +556,9 @@ def resolve_dataset(name_or_path: str | os.PathLike) -> Path:
     for candidate in (path, datasets_dir() / str(name_or_path)):
         if (candidate / "manifest.json").is_file():
             return candidate
+    if str(name_or_path) == "random":
+        raise FileNotFoundError("'random' is the uniform random-token evaluation set, generated on "
+                                "the fly: it has no files to show")
     known = sorted(p.name for p in datasets_dir().glob("*") if (p / "manifest.json").is_file()) if datasets_dir().is_dir() else []
     raise FileNotFoundError(
         f"no dataset '{name_or_path}' (looked for a directory with manifest.json and under {datasets_dir()}); "
@@ -587,6 +606,8 @@ def dataset_summary(name_or_path: str | os.PathLike) -> dict[str, Any]:
 def sample_chunks(name_or_path: str | os.PathLike, split: str = "val", n: int = 3, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` chunks of a split drawn at random, decoded back to text, to see what was built;
     ``document`` is the id of the document a chunk came from (None without an index)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
     ds = ChunkDataset(resolve_dataset(name_or_path), split)
     tok = load_tokenizer(ds.tokenizer_path)
     picks = np.random.default_rng(seed).choice(len(ds), size=min(n, len(ds)), replace=False)

@@ -14,8 +14,11 @@ split of a document (``cir.data.split``) never changes. File sources list their 
 first and then yield them ordered by a hash of the id: a prefix of the stream (a token
 budget) is then a sample of the whole corpus rather than its alphabetically first folders.
 
-Bad files never crash a build: binary, non-UTF-8, unreadable, empty and oversized files
-are skipped and counted in ``SkipStats``; ``strict=True`` raises on the first instead.
+Bad files never crash a build: binary, non-UTF-8, unreadable, empty and oversized files,
+and anything that is not a regular file (FIFOs, sockets, devices) are skipped and counted in
+``SkipStats``; ``strict=True`` raises on the first instead. Folder walks and globs do not
+follow symlinks: each is counted (``symlink``, or ``dangling-symlink`` / ``symlink-loop``
+for broken ones); a file named directly is read through its link.
 ``random`` (uniform token ids, the full-OOD set) has no text: it is a dataset
 (``open_dataset("random", ...)``), not a document source.
 """
@@ -23,11 +26,13 @@ are skipped and counted in ``SkipStats``; ``strict=True`` raises on the first in
 from __future__ import annotations
 
 import ast
+import errno
 import glob
 import gzip
 import os
 import re
 import site
+import stat
 import sysconfig
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -40,7 +45,8 @@ from cir.data.split import stable_unit
 
 DEFAULT_MAX_FILE_BYTES = 8 * 2**20
 BINARY_SNIFF_BYTES = 8192
-SKIP_REASONS = ("binary", "non-utf8", "unreadable", "empty", "too-large", "filtered", "duplicate")
+SKIP_REASONS = ("binary", "non-utf8", "unreadable", "empty", "too-large", "filtered", "duplicate",
+                "not-regular-file", "symlink", "dangling-symlink", "symlink-loop")
 
 
 @dataclass(frozen=True)
@@ -96,14 +102,23 @@ def _reject(opts: ReadOptions, reason: str, where: str, detail: str = "") -> Non
     opts.stats.add(reason, where)
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    """``open`` opener: a file swapped for a FIFO since its stat cannot block the open."""
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
 def read_bytes(path: Path, opts: ReadOptions) -> bytes | None:
-    """The file's bytes, or None (counted) when it is unreadable or over the size cap."""
+    """The file's bytes, or None (counted) when it is unreadable, not a regular file (a FIFO
+    would block the read forever) or over the size cap."""
     try:
-        size = path.stat().st_size
-        if size > opts.max_bytes:
-            _reject(opts, "too-large", str(path), f"{size} bytes > cap {opts.max_bytes}")
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            _reject(opts, "not-regular-file", str(path), "a FIFO, socket or device")
             return None
-        with open(path, "rb") as f:
+        if info.st_size > opts.max_bytes:
+            _reject(opts, "too-large", str(path), f"{info.st_size} bytes > cap {opts.max_bytes}")
+            return None
+        with open(path, "rb", opener=_open_nonblocking) as f:
             return f.read(opts.max_bytes + 1)
     except OSError as exc:
         _reject(opts, "unreadable", str(path), exc.strerror or type(exc).__name__)
@@ -137,13 +152,15 @@ def read_text(path: Path, opts: ReadOptions) -> str | None:
 
 @dataclass(frozen=True)
 class FileSet:
-    """Files of one named root: ids are ``<source>:<label>/<path relative to root>``."""
+    """Files of one named root: ids are ``<source>:<label>/<path relative to root>``;
+    symlinks among them are counted, not read, unless ``follow_links``."""
 
     root: Path
     label: str
     accept: Callable[[Path], bool] = lambda p: True
     skip_dirs: frozenset[str] = frozenset()
     files: tuple[Path, ...] | None = None  # given files under root, instead of walking it
+    follow_links: bool = False
 
 
 def _walk(fs: FileSet) -> Iterator[Path]:
@@ -157,18 +174,35 @@ def _walk(fs: FileSet) -> Iterator[Path]:
         )
         for name in filenames:
             path = here / name
-            if fs.accept(path) and not path.is_symlink():
+            if fs.accept(path):
                 yield path
 
 
-def _listing(source: str, filesets: Iterable[FileSet]) -> list[tuple[str, Path]]:
-    """(id, path) of every accepted file, deduplicated by real path, in stable hash order."""
+def _link_reason(path: Path) -> str:
+    """Skip reason of a symlink that is not followed: ``symlink``, ``dangling-symlink`` or
+    ``symlink-loop``."""
+    try:
+        path.stat()
+    except OSError as exc:
+        return "symlink-loop" if exc.errno == errno.ELOOP else "dangling-symlink"
+    return "symlink"
+
+
+def _listing(source: str, filesets: Iterable[FileSet], opts: ReadOptions) -> list[tuple[str, Path]]:
+    """(id, path) of every accepted file, deduplicated by real path, in stable hash order;
+    symlinks not followed are counted in ``opts.stats``."""
     seen: set[str] = set()
     items: list[tuple[str, Path]] = []
     for fs in filesets:
         if not fs.root.is_dir():
             continue
         for path in _walk(fs):
+            if path.is_symlink() and not fs.follow_links:
+                link = os.path.join(os.path.realpath(path.parent), path.name)
+                if link not in seen:
+                    seen.add(link)
+                    opts.stats.add(_link_reason(path), str(path))
+                continue
             real = os.path.realpath(path)
             if real in seen:
                 continue
@@ -186,7 +220,7 @@ def file_documents(
     opts: ReadOptions,
     transform: Callable[[Path, str], str] | None = None,
 ) -> Iterator[Document]:
-    for doc_id, path in _listing(source, filesets):
+    for doc_id, path in _listing(source, filesets, opts):
         text = read_text(path, opts) if transform is None else _read_transformed(path, opts, transform)
         if text is not None:
             yield Document(doc_id, text, source)
@@ -216,20 +250,23 @@ def path_documents(spec: str | os.PathLike | list, opts: ReadOptions) -> Iterato
             files.append(path)
         elif glob.has_magic(str(item)):
             filesets.extend(_glob_filesets(str(Path(item).expanduser())))
+        elif path.exists():
+            raise UnknownSourceError(f"{item!s}: not a regular file or directory")
         else:
             raise UnknownSourceError(f"no such file, directory or source: {item!s}. {_valid_names()}")
     if files:  # ids relative to the files' common folder, so equal names stay distinct
         root = Path(os.path.commonpath([f.absolute().parent for f in files]))
-        filesets.append(FileSet(root, "", files=tuple(f.absolute() for f in files)))
+        filesets.append(FileSet(root, "", files=tuple(f.absolute() for f in files), follow_links=True))
     return file_documents("file", filesets, opts)
 
 
 def _glob_filesets(pattern: str) -> list[FileSet]:
-    matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
+    # everything but folders: symlinks and FIFOs are counted when read, not dropped unseen
+    matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if not Path(m).is_dir())
     if not matches:
         raise UnknownSourceError(f"glob matches no file: {pattern}")
     root = Path(os.path.commonpath([m.parent for m in matches]))
-    return [FileSet(root, "", files=tuple(m for m in matches if not m.is_symlink()))]
+    return [FileSet(root, "", files=tuple(matches))]
 
 
 # --------------------------------------------------------------------------- built-in corpora
@@ -422,7 +459,7 @@ def _man_filesets() -> list[FileSet]:
 
 def man_pages(opts: ReadOptions) -> Iterator[Document]:
     """Gzipped man pages, stripped of roff macros to readable text."""
-    for doc_id, path in _listing("man-pages", _man_filesets()):
+    for doc_id, path in _listing("man-pages", _man_filesets(), opts):
         data = read_bytes(path, opts)
         if data is None:
             continue
