@@ -274,7 +274,7 @@ def _render_experts(reg: Any, rows: list[dict[str, Any]]) -> None:
 def quickstart_cmd(
     registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
     force: bool = typer.Option(False, "--force", help="Unmount everything and rebuild from scratch."),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Mount experts on built-in local corpora in about a minute, then score samples.
@@ -406,7 +406,7 @@ def _routed_perplexity(path: str, registry: Path | None, as_json: bool,
 def continual_cmd(
     preset: str = typer.Option("quick", "--preset", help="quick (the quickstart settings) | debug | small."),
     domains: str | None = typer.Option(None, "--domains", help="Three sources A,B,C (default: the quickstart domains)."),
-    eval_chunks: int = typer.Option(32, "--eval-chunks", help="Held-out chunks per domain."),
+    eval_chunks: int = typer.Option(32, "--eval-chunks", min=1, help="Held-out chunks per domain."),
     workdir: Path | None = typer.Option(None, "--workdir", help="Scratch directory (default: $CIR_HOME/bench/continual)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -459,7 +459,7 @@ def _render_continual(out: dict[str, Any]) -> None:
 def routing_bench_cmd(
     registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
     ood: list[str] = typer.Option([], "--ood", help="Unmounted source(s) used as OOD data (besides random)."),
-    eval_chunks: int = typer.Option(64, "--eval-chunks", help="Held-out chunks per set."),
+    eval_chunks: int = typer.Option(64, "--eval-chunks", min=1, help="Held-out chunks per set."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Routing accuracy and OOD AUROC of the mounted experts.

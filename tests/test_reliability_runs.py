@@ -98,7 +98,10 @@ def test_a_torn_training_state_names_itself_and_the_way_on(tiny_dataset, tmp_pat
 @pytest.mark.parametrize("args", [["explain", "FILE", "--k", "0"],
                                   ["explain", "FILE", "--max-chunks", "-1"],
                                   ["compressor", "train", "--data", "D", "--out", "OUT",
-                                   "--max-minutes", "-1"]])
+                                   "--max-minutes", "-1"],
+                                  ["quickstart", "--threads", "-1"],
+                                  ["bench", "registry", "--eval-chunks", "0"],
+                                  ["bench", "continual", "--eval-chunks", "0"]])
 def test_out_of_range_options_are_refused_before_work(args, tmp_path):
     f = tmp_path / "a.py"
     f.write_text("x = 1\n")
