@@ -506,6 +506,8 @@ def train(
             s0 = _init_weights(init_from, model, cfg)
             resumed = (s0, s0)
         start, warm_start = resumed or (0, None)
+        if ddp.main:
+            _drop_replayed(out_dir / METRICS_FILE, start)
         net: nn.Module = model
         if ddp.world > 1:
             net = DistributedDataParallel(
@@ -563,6 +565,26 @@ def train(
         result.stopped_early = result.step < cfg.steps
         result.wall_s = time.perf_counter() - t_start
         return result
+
+
+def _drop_replayed(path: Path, start: int) -> None:
+    """Drop the records after step ``start`` from a metrics file: the steps a run logged
+    past its last checkpoint before it was stopped, which the resumed run logs again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if _record_step(line) <= start]
+    if len(keep) < len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _record_step(line: str) -> float:
+    """A record's step (0 without one); a line torn by a kill counts as after every step."""
+    try:
+        step = json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+    return step if isinstance(step, int) else 0
 
 
 def _out_of_time(t_start: float, cfg: TrainConfig, ddp: _Dist, device: torch.device) -> bool:

@@ -109,3 +109,19 @@ def test_out_of_range_options_are_refused_before_work(args, tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "Invalid value" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_drops_the_replayed_steps_from_the_metrics(tiny_dataset, tmp_path):
+    """Steps logged past the last checkpoint (and a line torn by the kill) are logged once."""
+    out = tmp_path / "run"
+    cfg = default_train_config("debug", steps=8, device="cpu", log_every=1, ckpt_every=4,
+                               eval_every=1000)
+    train_compressor(tiny_dataset, out, preset="debug", train_cfg=cfg, stop_at=4)
+    metrics = out / "metrics.jsonl"
+    replayed = [{"event": "train", "step": s, "loss": 9.0} for s in (5, 6)]
+    metrics.write_text(metrics.read_text() + "".join(json.dumps(r) + "\n" for r in replayed)
+                       + '{"event": "tra')
+    train_compressor(tiny_dataset, out, preset="debug", train_cfg=cfg)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in records if r["event"] == "train"]
+    assert steps == list(range(1, 9)) and all(r.get("loss") != 9.0 for r in records)
