@@ -6,8 +6,10 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -135,3 +137,22 @@ def print_train_result(title: str, result: Any, as_json: bool) -> None:
     table.add_row("steps", f"{result.step}{resumed}")
     table.add_row("wall time", f"{result.wall_s:.1f} s")
     console.print(table)
+
+
+@contextmanager
+def resumable(out: Path) -> Iterator[None]:
+    """Ctrl-C during a training run into ``out``: say where it stands and how to go on
+    (exit code 130), instead of stopping silently."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from cir.checkpoint import saved_step
+
+        try:
+            step = saved_step(out)
+        except Exception:  # noqa: BLE001 - no checkpoint yet, or none readable
+            step = 0
+        where = f"from step {step:,}" if step else "from the start (no checkpoint yet)"
+        err_console.print(f"interrupted: re-run the same command to resume {where}",
+                          highlight=False)
+        raise typer.Exit(130) from None

@@ -14,6 +14,7 @@ from cir.cli.common import (
     print_json,
     print_train_result,
     progress,
+    resumable,
 )
 from rich.table import Table
 
@@ -89,7 +90,7 @@ def train_cmd(
     cfg = default_train_config(preset, seed=seed, compile=compile_, device=device,
                                max_wall_s=60.0 * max_minutes,
                                **{k: v for k, v in given.items() if v is not None})
-    with progress(disable=as_json) as bar:
+    with resumable(out), progress(disable=as_json) as bar:
         task = bar.add_task(f"train compressor ({preset})", total=cfg.steps, info="")
 
         def on_log(rec: dict[str, Any]) -> None:

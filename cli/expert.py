@@ -15,6 +15,7 @@ from cir.cli.common import (
     print_json,
     print_train_result,
     progress,
+    resumable,
 )
 from rich.table import Table
 
@@ -51,7 +52,7 @@ def train_cmd(
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                       eval_every=eval_every, ckpt_every=ckpt_every, device=device, seed=seed)
-    with progress(disable=as_json) as bar:
+    with resumable(out), progress(disable=as_json) as bar:
         task = bar.add_task(f"train {arch}", total=steps, info="")
 
         def on_log(rec: dict[str, Any]) -> None:

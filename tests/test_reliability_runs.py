@@ -125,3 +125,19 @@ def test_resume_drops_the_replayed_steps_from_the_metrics(tiny_dataset, tmp_path
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     steps = [r["step"] for r in records if r["event"] == "train"]
     assert steps == list(range(1, 9)) and all(r.get("loss") != 9.0 for r in records)
+
+
+def test_ctrl_c_says_where_training_stands(tiny_dataset, tmp_path, monkeypatch):
+    import cir.compressor.train as ctrain
+
+    out = tmp_path / "run"
+    train_compressor(tiny_dataset, out, preset="debug", train_cfg=_cfg(2))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ctrain, "train_compressor", interrupted)
+    for where, message in [(out, "resume from step 2"), (tmp_path / "new", "from the start")]:
+        res = CliRunner().invoke(app, ["compressor", "train", "--data", str(tiny_dataset),
+                                       "--out", str(where), "--preset", "debug", "--steps", "4"])
+        assert res.exit_code == 130 and message in res.output, res.output
