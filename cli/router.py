@@ -258,14 +258,12 @@ def _render_experts(reg: Any, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if not r["ok"]:
             console.print(f"[red]corrupted:[/] {r['error']} (unmount and mount it again)")
-    by_len: dict[int, list[str]] = {}
-    for r in rows:
-        if r["seq_len"] is not None:
-            by_len.setdefault(r["seq_len"], []).append(r["name"])
+    from cir.router.routing import by_chunk_length, chunk_length_groups
+
+    by_len = by_chunk_length((r["name"], r["seq_len"]) for r in rows if r["seq_len"] is not None)
     if len(by_len) > 1:
-        groups = "; ".join(f"{', '.join(n)}: {k}" for k, n in sorted(by_len.items()))
-        console.print(f"[red]chunk lengths differ[/] (tokens: {groups}): `route-cli score` "
-                      "refuses this registry until the odd experts are unmounted")
+        console.print(f"[red]chunk lengths differ[/] (tokens: {chunk_length_groups(by_len)}): "
+                      "`route-cli score` refuses this registry until the odd experts are unmounted")
 
 
 # ----------------------------------------------------------------------------- quickstart

@@ -27,6 +27,7 @@ the contiguous runs of chunks with the same route, showing where a file switches
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -203,20 +204,33 @@ def check_temperature(temperature: float) -> float:
     return temperature
 
 
+def by_chunk_length(named: Iterable[tuple[str, int]]) -> dict[int, list[str]]:
+    """``{chunk length: [names]}`` of ``(name, chunk length)`` pairs."""
+    out: dict[int, list[str]] = {}
+    for name, n in named:
+        out.setdefault(int(n), []).append(name)
+    return out
+
+
+def chunk_length_groups(by_len: dict[int, list[str]]) -> str:
+    """``"a, b: 512; c: 32"``: who uses which chunk length."""
+    return "; ".join(f"{', '.join(names)}: {n}" for n, names in sorted(by_len.items()))
+
+
 def seq_len_of(experts: list[Routable]) -> int:
     """The chunk length every compressor of a registry was built for; when they disagree,
     a ``ValueError`` naming the experts off the most common length."""
-    by_len: dict[int, list[str]] = {}
-    for e in experts:
-        by_len.setdefault(int(e.compressor.config.seq_len), []).append(e.name)
+    if not experts:
+        raise ValueError("no experts to take a chunk length from")
+    by_len = by_chunk_length((e.name, e.compressor.config.seq_len) for e in experts)
     if len(by_len) != 1:
         sizes = sorted((len(names) for names in by_len.values()), reverse=True)
         common = max(by_len, key=lambda n: len(by_len[n])) if sizes[0] > sizes[1] else None
-        groups = "; ".join(f"{', '.join(names)}: {n}" for n, names in sorted(by_len.items()))
         odd = sorted(name for n, names in by_len.items() if n != common for name in names)
         raise ValueError(
-            f"experts disagree on the chunk length (tokens: {groups}); unmount the odd "
-            f"one(s) ({', '.join(odd)}) and mount them again with the others' preset"
+            f"experts disagree on the chunk length (tokens: {chunk_length_groups(by_len)}); "
+            f"unmount the odd one(s) ({', '.join(odd)}) and mount them again with the others' "
+            "preset"
         )
     return by_len.popitem()[0]
 

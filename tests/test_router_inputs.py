@@ -222,3 +222,10 @@ def test_routed_perplexity_skips_like_score_and_honours_max_chunks(tiny_tokenize
     assert json.loads(res.stdout)["n_chunks"] == 2
     _one_line_error(runner.invoke(app, ["perplexity", str(text), *args, "--max-chunks", "0"]),
                     "--max-chunks must be >= 1")
+
+
+def test_chunk_length_of_no_experts_is_a_value_error():
+    from cir.router.routing import seq_len_of
+
+    with pytest.raises(ValueError, match="no experts"):
+        seq_len_of([])
