@@ -447,11 +447,11 @@ def _prepare_out_dir(out_dir: Path, model: nn.Module, tokenizer: str | Path | No
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / "config.json").is_file():
         write_config(out_dir, unwrap(model))
+    if tokenizer is None:
+        return
     from cir.data.tokenizer import tokenizer_hash
 
     saved = out_dir / TOKENIZER_FILE
-    if tokenizer is None:
-        return
     if not saved.is_file():
         shutil.copyfile(tokenizer, saved)
     elif tokenizer_hash(saved) != tokenizer_hash(tokenizer):

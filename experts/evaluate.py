@@ -65,7 +65,8 @@ def dataset_perplexity(
         model = model.to(device)
     n = len(dataset) if max_chunks is None else min(len(dataset), max_chunks)
     if n == 0:
-        raise ValueError(f"{getattr(dataset, 'root', 'the dataset')} has no {split} chunks to evaluate")
+        where, part = getattr(dataset, "root", "the dataset"), getattr(dataset, "split", split)
+        raise ValueError(f"{where} has no {part} chunks to evaluate")
     parts = [
         perplexity(model, *dataset.get_batch(np.arange(s, min(n, s + batch_size))), batch_size)
         for s in range(0, n, batch_size)
