@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
@@ -46,6 +48,8 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except Terminated:
+            raise typer.Exit(128 + signal.SIGTERM) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - the CLI boundary
@@ -139,20 +143,49 @@ def print_train_result(title: str, result: Any, as_json: bool) -> None:
     console.print(table)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so that the same clean-up runs."""
+
+
 @contextmanager
-def resumable(out: Path) -> Iterator[None]:
-    """Ctrl-C during a training run into ``out``: say where it stands and how to go on
-    (exit code 130), instead of stopping silently."""
+def term_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` meanwhile, so work cleans up as on Ctrl-C (later
+    SIGTERMs are ignored during the clean-up); ``handle_errors`` exits with code 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, on_term)
     try:
         yield
-    except KeyboardInterrupt:
-        from cir.checkpoint import saved_step
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
-        try:
-            step = saved_step(out)
-        except Exception:  # noqa: BLE001 - no checkpoint yet, or none readable
-            step = 0
-        where = f"from step {step:,}" if step else "from the start (no checkpoint yet)"
+
+@contextmanager
+def resumable(out: Path | None, what: str = "") -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a training run into ``out`` (or a mount, ``out=None``): say
+    where it stands and how to go on (exit code 130, 143 for SIGTERM), instead of stopping
+    silently."""
+    try:
+        with term_as_interrupt():
+            yield
+    except KeyboardInterrupt as exc:
+        if out is None:
+            where = what
+        else:
+            from cir.checkpoint import saved_step
+
+            try:
+                step = saved_step(out)
+            except Exception:  # noqa: BLE001 - no checkpoint yet, or none readable
+                step = 0
+            where = f"from step {step:,}" if step else "from the start (no checkpoint yet)"
         err_console.print(f"interrupted: re-run the same command to resume {where}",
                           highlight=False)
-        raise typer.Exit(130) from None
+        code = 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
+        raise typer.Exit(code) from None

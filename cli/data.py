@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
-from cir.cli.common import console, err_console, fail, handle_errors, print_json, progress
+from cir.cli.common import (
+    console,
+    err_console,
+    fail,
+    handle_errors,
+    print_json,
+    progress,
+    term_as_interrupt,
+)
 from rich.table import Table
 
 data_app = typer.Typer(
@@ -42,32 +46,6 @@ def _check_name(name: str) -> None:
              "starting with a letter or digit (no '/', '..' or spaces)")
 
 
-@contextmanager
-def _term_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt meanwhile, so a build cleans up its temp folder as on
-    Ctrl-C (later SIGTERMs are ignored during the clean-up); the exit code is then 143."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    terminated = False
-
-    def on_term(signum: int, frame: Any) -> None:
-        nonlocal terminated
-        terminated = True
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    before = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    except KeyboardInterrupt:
-        if terminated:
-            raise typer.Exit(128 + signal.SIGTERM) from None
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
 @data_app.command("build")
 @handle_errors
 def build_cmd(
@@ -96,7 +74,7 @@ def build_cmd(
     if max_tokens is not None and max_tokens < 1:
         fail(f"--max-tokens must be >= 1, got {max_tokens}")
     target = out if out is not None else datasets_dir() / name
-    with _term_as_interrupt(), progress(disable=as_json) as bar:
+    with term_as_interrupt(), progress(disable=as_json) as bar:
         task = bar.add_task("reading", total=None, info="")
         manifest = build_dataset(
             target, source, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq_len,

@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from cir.cli.common import console, err_console, fail, handle_errors, print_json, progress
+from cir.cli.common import (
+    console,
+    err_console,
+    fail,
+    handle_errors,
+    print_json,
+    progress,
+    resumable,
+)
 from rich.table import Table
 
 REGISTRY_HELP = "Registry directory (default: $CIR_REGISTRY, else $CIR_HOME/registry)."
@@ -164,7 +172,7 @@ def mount_cmd(
     cfg = MountConfig(preset=preset, max_tokens=max_tokens, steps_compressor=steps_compressor,
                       steps_lm=steps_lm)
     reg = _registry(registry)
-    with progress(disable=as_json) as bar:
+    with resumable(None, f"the mount of {name!r}"), progress(disable=as_json) as bar:
         task = bar.add_task(f"{name}: start", total=None, info="")
         result = mount(reg, name, source, cfg, on_event=_mount_progress(bar, task))
     info = result.info
