@@ -32,6 +32,11 @@ MODEL_KINDS: dict[str, str] = {
     "tconstformer": "cir.experts.tconstformer:TConstFormer",
     "transformer": "cir.experts.transformer:Transformer",
 }
+# what a command may need a checkpoint to be -> the kinds that are one
+ROLES: dict[str, tuple[str, ...]] = {
+    "compressor": ("compressor",),
+    "language model": ("tlinformer", "tconstformer", "transformer"),
+}
 
 
 class CheckpointError(ValueError):
@@ -188,10 +193,16 @@ def saved_step(path: str | Path) -> int:
     return int(step)
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a model from its checkpoint directory, strictly, without unpickling anything."""
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu", expect: str | None = None
+) -> nn.Module:
+    """Load a model from its checkpoint directory, strictly, without unpickling anything.
+    ``expect`` (a key of ``ROLES``) refuses a checkpoint of another kind, before its
+    weights are read."""
     directory = Path(directory)
     kind, config = read_config(directory)
+    if expect is not None and kind not in ROLES[expect]:
+        raise CheckpointError(f"{directory}: a {kind} checkpoint, not a {expect}")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: missing {WEIGHTS_FILE}")

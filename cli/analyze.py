@@ -29,10 +29,7 @@ def _pairs(items: list[str], what: str = "--data") -> dict[str, str]:
 def _compressor(ckpt: Path, device: str = "cpu") -> Any:
     from cir.checkpoint import load_checkpoint
 
-    model = load_checkpoint(ckpt, device=device)
-    if getattr(model, "kind", None) != "compressor":
-        fail(f"{ckpt}: a {getattr(model, 'kind', '?')} checkpoint, not a compressor")
-    return model
+    return load_checkpoint(ckpt, device=device, expect="compressor")
 
 
 def _model_name(ckpt: Path) -> str:

@@ -181,9 +181,7 @@ def eval_cmd(
         fail(f"--worst-by must be {' or '.join(WORST_BY)}, got {worst_by!r}")
     if split == "all":
         fail("--split all would score the in-domain training chunks; use --ood-split all")
-    model = load_checkpoint(ckpt, device=device)
-    if getattr(model, "kind", None) != "compressor":
-        fail(f"{ckpt}: a {getattr(model, 'kind', '?')} checkpoint, not a compressor")
+    model = load_checkpoint(ckpt, device=device, expect="compressor")
     other = split if ood_split is None else ood_split
     datasets = {name: _open_eval_data(name, other if i else split, model)
                 for i, name in enumerate(data)}

@@ -52,10 +52,7 @@ class EvalRow:
 def _as_model(checkpoint_or_model: str | Path | Compressor, device: str) -> Compressor:
     if isinstance(checkpoint_or_model, Compressor):
         return checkpoint_or_model
-    model = load_checkpoint(checkpoint_or_model, device=device)
-    if not isinstance(model, Compressor):
-        raise ValueError(f"{checkpoint_or_model}: a {model.kind} checkpoint, not a compressor")
-    return model
+    return load_checkpoint(checkpoint_or_model, device=device, expect="compressor")
 
 
 def pick_chunks(n: int, max_chunks: int | None) -> np.ndarray:

@@ -57,9 +57,7 @@ def dataset_perplexity(
     if not isinstance(model, nn.Module):
         from cir.checkpoint import check_tokenizer, load_checkpoint
 
-        model = load_checkpoint(ckpt_or_model, device=device or "cpu")
-        if getattr(model, "kind", None) == "compressor":
-            raise ValueError(f"{ckpt_or_model}: a compressor checkpoint, not a language model")
+        model = load_checkpoint(ckpt_or_model, device=device or "cpu", expect="language model")
         check_tokenizer(ckpt_or_model, dataset)
     elif device is not None:
         model = model.to(device)

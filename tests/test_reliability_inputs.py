@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import struct
 import sys
 import zlib
@@ -25,7 +26,7 @@ from cir.data import chunk_text, load_tokenizer
 from cir.router.registry import Registry, sha256_file
 from typer.testing import CliRunner
 
-from cir.checkpoint import CheckpointError, load_checkpoint
+from cir.checkpoint import MODEL_KINDS, ROLES, CheckpointError, load_checkpoint
 
 BLOCK = ("def add(a, b):\n    return a + b\n\n"
          "The river ran through the quiet city in the morning light.\n") * 20
@@ -150,6 +151,24 @@ def test_bad_config_json(ckpt, edit, message):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(ckpt)
+
+
+def test_load_checkpoint_expect_refuses_the_other_kind(tiny_tokenizer, tmp_path):
+    comp, lm = make_checkpoints(tmp_path / "ck", tiny_tokenizer)
+    ours = sorted(k for k, where in MODEL_KINDS.items() if where.startswith("cir."))
+    assert sorted(k for kinds in ROLES.values() for k in kinds) == ours  # each has a role
+    assert load_checkpoint(comp, expect="compressor").kind == "compressor"
+    assert load_checkpoint(lm, expect="language model").kind == "tlinformer"
+    (comp / "model.safetensors").unlink()  # refused from config.json, before the weights
+    with pytest.raises(CheckpointError,
+                       match=re.escape(f"{comp}: a compressor checkpoint, not a language model")):
+        load_checkpoint(comp, expect="language model")
+    with pytest.raises(CheckpointError,
+                       match=re.escape(f"{lm}: a tlinformer checkpoint, not a compressor")):
+        load_checkpoint(lm, expect="compressor")
+    res = CliRunner().invoke(app, ["compressor", "eval", str(lm), "--data", "random"])
+    assert res.exit_code == 2 and "not a compressor" in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
 
 
 class _Trap:
