@@ -5,14 +5,22 @@ Options after ``?``: ``data_files=<path or glob>`` (for the local ``text`` / ``j
 ``csv`` / ``parquet`` builders; several with ``,``), ``column=<name>`` (default: ``text``, or
 the first string column), ``streaming=0``. Ids are ``hf:<dataset>/<split>/<row id>`` with
 the row's ``id`` field when it has one, else its index.
+
+Offline, a Hub dataset fails at once with one line: the Hub's host is looked up first,
+and the libraries' retry warnings are silenced while loading.
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlparse
+from urllib.request import getproxies
 
 from cir.data.sources import Document, ReadOptions, UnknownSourceError, _reject
 
@@ -62,13 +70,48 @@ def _text_column(row: dict[str, Any], wanted: str | None) -> str:
     raise UnknownSourceError(f"no string column in the dataset; columns: {', '.join(row)}")
 
 
+def _check_hub_reachable(spec: HFSpec) -> None:
+    """ConnectionError naming the dataset when the Hub's host does not resolve, at once
+    instead of after ~25 s of retries. Not for local builders (``data_files``) or folders,
+    in offline mode (the libraries then fail fast themselves), or behind a proxy."""
+    from datasets import config
+
+    if spec.data_files or Path(spec.dataset).exists() or config.HF_HUB_OFFLINE or getproxies():
+        return
+    host = urlparse(config.HF_ENDPOINT).hostname or config.HF_ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        raise ConnectionError(
+            f"Couldn't reach '{spec.dataset}' on the Hub: {host} does not resolve "
+            f"({exc.strerror or exc}); offline? HF_HUB_OFFLINE=1 uses the local cache"
+        ) from None
+
+
+@contextmanager
+def _quiet_hub_logs() -> Iterator[None]:
+    """Errors only from huggingface_hub and datasets meanwhile: their retry warnings
+    ("Retrying in 8s [Retry 4/5]") would print before the one-line error."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _load(spec: HFSpec) -> Any:
     import datasets
 
+    _check_hub_reachable(spec)
     kwargs: dict[str, Any] = {"split": spec.split, "streaming": spec.streaming}
     if spec.data_files:
         kwargs["data_files"] = spec.data_files
-    return datasets.load_dataset(spec.dataset, spec.config, **kwargs)
+    with _quiet_hub_logs():
+        return datasets.load_dataset(spec.dataset, spec.config, **kwargs)
 
 
 def hf_documents(spec_text: str, opts: ReadOptions) -> Iterator[Document]:

@@ -55,9 +55,9 @@ def _non_empty(texts: Iterable[str]) -> Iterator[str]:
             yield text
 
 
-def _check_specials(tok: Tokenizer) -> None:
+def _check_specials(tok: Tokenizer, name: str = "tokenizer") -> None:
     if tok.token_to_id(PAD_TOKEN) != PAD_ID or tok.token_to_id(EOS_TOKEN) != EOS_ID:
-        raise ValueError(f"tokenizer must map {PAD_TOKEN}->{PAD_ID} and {EOS_TOKEN}->{EOS_ID}")
+        raise ValueError(f"{name} must map {PAD_TOKEN}->{PAD_ID} and {EOS_TOKEN}->{EOS_ID}")
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> Path:
@@ -77,8 +77,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         path = path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}")
-    tok = Tokenizer.from_file(str(path))
-    _check_specials(tok)
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception ("invalid type: ...")
+        raise ValueError(f"{path}: not a tokenizer.json ({exc})") from None
+    _check_specials(tok, str(path))
     return tok
 
 

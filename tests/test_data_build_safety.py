@@ -1,11 +1,14 @@
 """`route-cli data build | show | info` on hostile input: bad names, --overwrite of things
-that are not datasets, FIFOs and broken symlinks in a source, SIGTERM, bad numbers."""
+that are not datasets, FIFOs and broken symlinks in a source, SIGTERM, bad numbers, a
+--tokenizer that is not one, an unreachable hf: dataset."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -169,6 +172,50 @@ def test_max_tokens_below_one_is_refused(value, tmp_path, tiny_tokenizer):
     assert not (datasets_dir() / "tiny").exists()
     with pytest.raises(ValueError, match="max-tokens"):
         build_dataset(tmp_path / "ds", str(tmp_path / "src"), tokenizer=tiny_tokenizer, max_tokens=int(value))
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("some.py", b"print('not a tokenizer')\n", "{}: not a tokenizer.json"),
+    ("blob.bin", bytes(range(256)), "{}: not a tokenizer.json"),
+    ("list.json", b"[1, 2]", "{}: not a tokenizer.json"),
+    ("gone.json", None, "no tokenizer at {}"),
+])
+def test_a_tokenizer_that_is_not_one_is_named(name, content, message, tmp_path):
+    bad = tmp_path / name
+    if content is not None:
+        bad.write_bytes(content)
+    result = _build("tiny", _src(tmp_path), bad, "--json")
+    assert result.exit_code == 2 and message.format(bad) in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert not (datasets_dir() / "tiny").exists()
+
+
+def test_an_unreachable_hf_dataset_is_one_quiet_line(monkeypatch):
+    import datasets
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def offline_load(path, *args, **kwargs):  # as datasets fails after its retries
+        noisy.append(logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING))
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
+
+    noisy: list[bool] = []
+    level = logging.getLogger("huggingface_hub").level
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", offline_load)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)  # no network: fails before loading
+    result = _invoke("build", "x", "--source", "hf:nobody/nothing", "--json")
+    assert result.exit_code == 2 and "Couldn't reach 'nobody/nothing'" in result.stderr
+    assert "does not resolve" in result.stderr and noisy == []
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the libraries fail fast
+    result = _invoke("build", "x", "--source", "hf:nobody/nothing", "--json")
+    assert result.exit_code == 2 and "Couldn't reach 'nobody/nothing'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and noisy == [False]
+    assert logging.getLogger("huggingface_hub").level == level  # restored
 
 
 def test_show_checks_n_and_says_when_a_split_is_empty(tmp_path, tiny_tokenizer):
