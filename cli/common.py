@@ -109,7 +109,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def progress(disable: bool = False) -> Progress:
-    """A rich progress bar on stderr (silent with ``--json`` or when not a terminal)."""
+    """A rich progress bar on stderr (silent with ``--json``; off a terminal, only its last
+    state is printed, when it stops)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -82,15 +82,15 @@ def generate_cmd(
     Example: route-cli generate runs/tlin --prompt "def main(" --max-new-tokens 80
     """
     import torch
+    from cir.data import load_tokenizer
     from cir.experts.generate import generate
-    from tokenizers import Tokenizer
 
     from cir.checkpoint import TOKENIZER_FILE, load_checkpoint
 
     tok_path = ckpt / TOKENIZER_FILE
     if not tok_path.is_file():
         fail(f"{ckpt}: no {TOKENIZER_FILE} next to the model")
-    tokenizer = Tokenizer.from_file(str(tok_path))
+    tokenizer = load_tokenizer(tok_path)
     model = load_checkpoint(ckpt, device=device)
     ids = tokenizer.encode(prompt).ids or [1]  # an empty prompt starts after EOS
     out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=temperature,

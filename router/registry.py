@@ -186,7 +186,8 @@ class Expert:
         if self._lm is None:
             from cir.checkpoint import load_checkpoint
 
-            self._lm = load_checkpoint(self.info.checkpoint("lm"), device=device)
+            self._lm = load_checkpoint(self.info.checkpoint("lm"), device=device,
+                                       expect="language model")
         return self._lm
 
 
@@ -301,7 +302,8 @@ class Registry:
         for name in wanted:
             try:
                 info = self.verify(name)
-                model = load_checkpoint(info.checkpoint("compressor"), device=device)
+                model = load_checkpoint(info.checkpoint("compressor"), device=device,
+                                        expect="compressor")
             except (RegistryError, CheckpointError, OSError) as exc:
                 errors.append((name, str(exc)))
                 continue

@@ -71,6 +71,9 @@ def test_models_asked_for_what_they_cannot_do(tiny_dataset, tiny_tokenizer, tmp_
         dataset_perplexity(lm, tiny_dataset, split="train", max_chunks=-1)
     res = CliRunner().invoke(app, ["generate", str(comp), "--prompt", "def "])
     assert res.exit_code == 2 and "cannot generate" in res.output, res.output
+    (lm / "tokenizer.json").write_text("print('not a tokenizer')\n")  # named, not 'invalid type'
+    res = CliRunner().invoke(app, ["generate", str(lm), "--prompt", "def "])
+    assert res.exit_code == 2 and f"{lm / 'tokenizer.json'}: not a tokenizer.json" in res.output
     model, prompt = load_checkpoint(lm), torch.tensor([5, 6, 7])
     for kw, message in [(dict(max_new_tokens=-3), "max_new_tokens must be >= 0"),
                         (dict(max_new_tokens=2, temperature=-1.0), "temperature must be >= 0"),
