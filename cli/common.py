@@ -186,7 +186,7 @@ def resumable(out: Path | None, what: str = "") -> Iterator[None]:
             except Exception:  # noqa: BLE001 - no checkpoint yet, or none readable
                 step = 0
             where = f"from step {step:,}" if step else "from the start (no checkpoint yet)"
-        err_console.print(f"interrupted: re-run the same command to resume {where}",
+        err_console.print(f"interrupted: re-run the same command to resume {escape(where)}",
                           highlight=False)
         code = 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
         raise typer.Exit(code) from None
