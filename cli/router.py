@@ -378,10 +378,7 @@ def _routed_perplexity(path: str, registry: Path | None, as_json: bool,
     reg = _registry(registry)
     experts, tok, _ = _load_experts(reg, as_json)
     with ExitStack() as stack:
-        try:
-            opened = open_input(path, stack)
-        except OSError as exc:
-            opened = FileReport(path, "error", f"unreadable: {exc.strerror or exc}")
+        opened = open_input(path, stack)
         if isinstance(opened, FileReport):  # the statuses of `score`
             if as_json:
                 print_json({"file": path, "status": opened.status, "reason": opened.reason})

@@ -203,13 +203,25 @@ def open_input(
     path: str | os.PathLike, stack: ExitStack, stdin: BinaryIO | None = None
 ) -> tuple[Path, _Sniff, list[str]] | FileReport:
     """``(file to chunk, what sniffing found, warnings)``, or the report of an input with
-    nothing to score (missing, directory, binary, empty, ...). ``"-"``, pipes and devices
-    are read once into a temp file kept by ``stack``; an ``OSError`` is the caller's."""
-    name = str(path)
+    nothing to score (missing, directory, binary, empty, unreadable, ...). ``"-"``, pipes
+    and devices are read once into a temp file kept by ``stack``."""
+    try:
+        return _open_input(str(path), stack, stdin)
+    except OSError as exc:
+        return _unreadable(str(path), exc)
+
+
+def _unreadable(name: str, exc: OSError) -> FileReport:
+    return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
+
+
+def _open_input(
+    name: str, stack: ExitStack, stdin: BinaryIO | None
+) -> tuple[Path, _Sniff, list[str]] | FileReport:
     if name == STDIN:
         src = stdin or sys.stdin.buffer
     else:
-        p = Path(path)
+        p = Path(name)
         if not p.exists():
             return FileReport(name, "error", _missing_reason(p))
         if p.is_dir():
@@ -248,10 +260,7 @@ def score_path(
     name = str(path)
     seq_len = seq_len_of(experts)
     with ExitStack() as stack:
-        try:
-            opened = open_input(path, stack, stdin)
-        except OSError as exc:
-            return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
+        opened = open_input(path, stack, stdin)
         if isinstance(opened, FileReport):
             return opened
         source, info, warnings = opened
@@ -259,7 +268,7 @@ def score_path(
         try:
             result = _route_stream(experts, chunks, temperature, batch_size)
         except OSError as exc:
-            return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
+            return _unreadable(name, exc)
     density = _density_warning(experts, info.n_bytes, int(result.n_tokens.sum()))
     return FileReport(name, "ok", None, warnings + density, info.n_bytes, result,
                       tokenizer_ood=bool(density))
