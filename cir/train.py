@@ -80,6 +80,7 @@ class ChunkData(Protocol):
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 elsewhere
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -95,6 +96,10 @@ class TrainConfig:
     schedule: str = "cosine"
     decay_frac: float = 0.2
     weight_decay: float = 0.1
+    # adamw: AdamW everywhere. muon: Muon (orthogonalised momentum, its update scaled to
+    # AdamW's RMS so `lr` and `weight_decay` keep their meaning) on the 2-D weights of the
+    # Linear layers, AdamW on embeddings, position tables, norms and biases.
+    optimizer: str = "adamw"
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -122,6 +127,7 @@ class TrainConfig:
             ),
             (self.precision in PRECISIONS, "precision must be auto, fp32 or bf16"),
             (self.schedule in ("cosine", "wsd"), "schedule must be cosine or wsd"),
+            (self.optimizer in OPTIMIZERS, "optimizer must be adamw or muon"),
             (0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]"),
         ]
         for ok, msg in checks:
@@ -259,18 +265,70 @@ def autocast_for(device: torch.device, precision: str):
     return nullcontext()
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def _adamw(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms, biases and other vectors."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights Muon trains: 2-D weights of ``nn.Linear`` layers, unless tied to an
+    embedding (a tied LM head is an embedding table, not a linear map of hidden states)."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out, seen = [], set()
+    for m in model.modules():
+        w = m.weight if isinstance(m, nn.Linear) else None
+        if w is not None and w.requires_grad and w.dim() == 2 and id(w) not in tables | seen:
+            seen.add(id(w))
+            out.append(w)
+    return out
+
+
+class MuonAdamW:
+    """Muon on ``muon`` parameters, AdamW on the rest, stepped as one optimizer: one
+    learning rate (``param_groups`` lists both optimizers' groups), one state dict."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"muon", "adamw"}:
+            raise CheckpointError("the saved optimizer state is not Muon + AdamW")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.AdamW | MuonAdamW:
+    """The optimizer ``cfg.optimizer`` names over ``model``'s trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return _adamw(params, cfg, device)
+    matrices = muon_parameters(model)
+    ids = {id(p) for p in matrices}
+    muon = torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, _adamw([p for p in params if id(p) not in ids], cfg, device))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -279,7 +337,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 def _save(
     out_dir: Path,
     model: nn.Module,
-    opt: torch.optim.Optimizer,
+    opt: torch.optim.Optimizer | MuonAdamW,
     step: int,
     cfg: TrainConfig,
     warm_start: int | None,
@@ -354,7 +412,7 @@ def _check_resumable(
 
 
 def _resume(
-    out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig
+    out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer | MuonAdamW, cfg: TrainConfig
 ) -> tuple[int, int | None] | None:
     """``(step, warm_start)`` of the checkpoint in ``out_dir``, restored into the model and
     the optimizer; None when there is none."""

@@ -32,6 +32,9 @@ err_console = Console(stderr=True, emoji=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+OPTIMIZER_HELP = ("adamw | muon (Muon on the Linear layers' weights, AdamW on the rest; "
+                  "the same --lr and weight decay as AdamW).")
+
 
 class CliError(Exception):
     """An expected failure: shown as one line, exit code 2."""

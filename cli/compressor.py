@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from cir.cli.common import (
+    OPTIMIZER_HELP,
     console,
     fail,
     handle_errors,
@@ -41,6 +42,7 @@ def train_cmd(
     lr: float | None = typer.Option(None, help="Peak learning rate (default: the preset's)."),
     schedule: str | None = typer.Option(None, help="cosine | wsd (constant, then a linear "
                                         "decay over the last 20% of the steps)."),
+    optimizer: str | None = typer.Option(None, help=OPTIMIZER_HELP + " Default: the preset's."),
     seed: int = typer.Option(0, help="Seed of the initialisation and the batch order."),
     max_minutes: float = typer.Option(0.0, min=0.0, help="Stop (with a checkpoint) after this long; 0 = no limit."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
@@ -78,7 +80,8 @@ def train_cmd(
     from cir.train import plan_decay
 
     open_split(data, "train")  # corpora that cannot be joined fail here, before the progress bar
-    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "schedule": schedule}
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "schedule": schedule,
+             "optimizer": optimizer}
     if decay_steps or constant_steps:
         if steps is not None or schedule not in (None, "wsd"):
             fail("--decay-steps finishes a wsd run: it replaces --steps and needs --schedule wsd")

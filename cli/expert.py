@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 from cir.cli.common import (
+    OPTIMIZER_HELP,
     console,
     fail,
     handle_errors,
@@ -33,6 +34,7 @@ def train_cmd(
     steps: int = typer.Option(1000, help="Optimizer steps."),
     batch_size: int = typer.Option(16, help="Chunks per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate."),
+    optimizer: str = typer.Option("adamw", help=OPTIMIZER_HELP),
     warmup_steps: int = typer.Option(100),
     eval_every: int = typer.Option(200),
     ckpt_every: int = typer.Option(200),
@@ -50,7 +52,8 @@ def train_cmd(
 
     from cir.train import TrainConfig
 
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      warmup_steps=warmup_steps,
                       eval_every=eval_every, ckpt_every=ckpt_every, device=device, seed=seed)
     with resumable(out), progress(disable=as_json) as bar:
         task = bar.add_task(f"train {arch}", total=steps, info="")

@@ -25,6 +25,8 @@
 #   scripts/weight_parts.py split` packs a checkpoint into compressed bf16 parts (<= 16 MB
 #   each) that travel in pieces; INIT_FROM=<parts or checkpoint dir> starts `train` from
 #   them with a fresh optimizer, the learning rate re-warmed over the warmup steps.
+#   OPTIMIZER=muon trains the Linear layers' weights with Muon (AdamW on the rest, the same
+#   LR; keep it for every call of one run: a resumed run must have its settings).
 #   DROPOUT=p trains with dropout p (a warm start may turn it on; keep it for every call
 #   of one run: a resumed run must have its model config).
 #   EXTRA_CODE=<dir> adds code carried in (scripts/extra_code.py: `.py` files of PyPI wheels,
@@ -118,6 +120,7 @@ if [[ $stage == train || $stage == all ]]; then
   python3 -c 'import json, sys; print(json.dumps({n: json.load(open(f"/tmp/data_{n}.json"))
     for n in sys.argv[1:]}, indent=1))' "${sets[@]}" > "$OUT/data.json"
   TRAIN_DATA=$TRAIN_DATA STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK SCHEDULE=$SCHEDULE DECAY_STEPS=$DECAY_STEPS \
+    OPTIMIZER=${OPTIMIZER:-adamw} \
     CONSTANT_STEPS=${CONSTANT_STEPS:-0} INIT_FROM=$INIT_FROM DROPOUT=${DROPOUT:-} python3 -P - <<'PY'
 import json, os, time
 from cir.compressor.train import default_train_config, train_compressor
@@ -128,7 +131,7 @@ if decay > 0:  # finish a wsd run from where it stands; the same numbers resume 
     steps, decay_frac = plan_decay(os.environ["CK"], decay, int(os.environ["CONSTANT_STEPS"]), init)
 cfg = default_train_config(
     "paper", steps=steps, batch_size=int(os.environ["BATCH"]), lr=float(os.environ["LR"]),
-    schedule=os.environ["SCHEDULE"], decay_frac=decay_frac,
+    schedule=os.environ["SCHEDULE"], decay_frac=decay_frac, optimizer=os.environ["OPTIMIZER"],
     warmup_steps=300, log_every=50, eval_every=1000, eval_batches=8, ckpt_every=1000,
     compile=True, device="cuda", max_wall_s=float(os.environ["WALL_S"]),
 )

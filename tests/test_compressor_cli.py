@@ -264,3 +264,18 @@ def test_cli_eval_unseen_below(tiny_tokenizer, tmp_path):
     bad = CliRunner().invoke(app, ["compressor", "eval", str(tmp_path / "m"), "--data", "random",
                                    "--unseen-below", "0.5"])
     assert bad.exit_code != 0 and "needs a document index on random" in bad.output
+
+
+def test_cli_train_with_muon(tiny_dataset, tmp_path):
+    import torch
+
+    out = tmp_path / "muon"
+    args = ["compressor", "train", "--data", str(tiny_dataset), "--out", str(out), "--preset",
+            "debug", "--device", "cpu", "--steps", "20", "--optimizer", "muon", "--json"]
+    _invoke(*args)
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert json.loads(state["train_config"])["optimizer"] == "muon"
+    assert set(state["optimizer"]) == {"muon", "adamw"}
+    assert state["optimizer"]["muon"]["state"]  # momentum buffers of the Linear weights
+    again = CliRunner().invoke(app, [*args[:-2], "adamw"])  # the same run, other optimizer
+    assert again.exit_code != 0 and "optimizer" in again.output

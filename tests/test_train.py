@@ -15,6 +15,7 @@ import pytest
 import torch
 from _toy import ArrayChunks, Toy, ToyConfig, toy_loss
 from safetensors.torch import load_file, load_model
+from torch import nn
 
 from cir import checkpoint
 from cir.train import (
@@ -335,3 +336,73 @@ def test_warm_start_refuses_what_it_cannot_load(source_run, tmp_path):
     with pytest.raises(ValueError, match="at step 6: nothing to train"):
         run(source_run, steps=6)
     assert not (tmp_path / "w" / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- muon
+
+
+def test_muon_takes_the_linear_weights_and_adamw_the_rest():
+    from cir.compressor.train import build_compressor
+
+    from cir.train import MuonAdamW, muon_parameters
+
+    model = build_compressor("debug")
+    opt = make_optimizer(model, _cfg(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(opt, MuonAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    on_muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+    assert on_muon == {names[id(p)] for p in muon_parameters(model)}
+    assert on_muon == {n for n in names.values()
+                       if n.endswith(("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"))}
+    on_adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert on_adamw.isdisjoint(on_muon) and on_adamw | on_muon == set(names.values())
+    assert {"tok_emb.weight", "enc_pos", "pos_queries", "latent_queries"} <= on_adamw
+    assert len(opt.param_groups) == 3  # one Muon group, AdamW with and without decay
+
+
+def test_muon_update_is_the_orthogonalised_gradient_at_adamw_rms():
+    """First step from rest: the change of a Linear weight points along U V^T of its
+    gradient (the SVD's orthogonal factor, which Newton-Schulz approximates) and has
+    AdamW's update RMS, 0.2 * lr (``match_rms_adamw``)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 64, bias=False)
+    model = nn.Sequential(lin)
+    lr = 1e-2
+    opt = make_optimizer(model, _cfg(optimizer="muon", lr=lr, weight_decay=0.0),
+                         torch.device("cpu"))
+    before = lin.weight.detach().clone()
+    x = torch.randn(256, 32)  # a full-rank gradient
+    (lin(x) ** 2).mean().backward()
+    u, _, vh = torch.linalg.svd(lin.weight.grad.double(), full_matrices=False)
+    opt.step()
+    delta = (before - lin.weight.detach()).double()
+    cos = (delta * (u @ vh)).sum() / (delta.norm() * (u @ vh).norm())
+    assert cos > 0.95  # the quintic iteration leaves singular values in about [0.7, 1.2]
+    rms = delta.pow(2).mean().sqrt().item()
+    ortho_rms = (u @ vh).pow(2).mean().sqrt().item()  # 1 / sqrt(64) for a 64 x 32 matrix
+    assert rms == pytest.approx(0.2 * math.sqrt(64) * lr * ortho_rms, rel=0.2)
+
+
+def test_muon_training_reduces_loss_and_resumes_bit_identically(tmp_path):
+    cfg = _cfg(optimizer="muon", steps=24)
+    torch.manual_seed(0)
+    records: list[dict] = []
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "full", cfg,
+          on_log=records.append)
+    losses = [r["loss"] for r in records if r["event"] == "train"]
+    assert losses[-1] < 0.5 * losses[0]
+    torch.manual_seed(0)
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "part", cfg, stop_at=9)
+    torch.manual_seed(123)
+    resumed = train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path / "part", cfg)
+    assert resumed.resumed_from == 9 and resumed.step == 24
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_resumes_only_with_its_own_optimizer(tmp_path):
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(), stop_at=4)
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer"):
+        train(Toy(ToyConfig()), toy_loss, ArrayChunks(), tmp_path, _cfg(optimizer="muon"))
+    with pytest.raises(ValueError, match="optimizer must be adamw or muon"):
+        _cfg(optimizer="sgd")
