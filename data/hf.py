@@ -7,14 +7,14 @@ the first string column), ``streaming=0``. Ids are ``hf:<dataset>/<split>/<row i
 the row's ``id`` field when it has one, else its index.
 
 Offline, a Hub dataset fails at once with one line: the Hub's host is looked up first,
-and the libraries' retry warnings are silenced while loading.
+and the libraries' retry warnings are silenced while loading and while streaming rows.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,9 +114,23 @@ def _load(spec: HFSpec) -> Any:
         return datasets.load_dataset(spec.dataset, spec.config, **kwargs)
 
 
+def _quiet_rows(rows: Iterable[Any]) -> Iterator[Any]:
+    """``rows``, each fetched with the retry warnings silenced: a streamed dataset opens
+    and reads its files only now, not in ``load_dataset``."""
+    end = object()
+    with _quiet_hub_logs():
+        it = iter(rows)
+    while True:
+        with _quiet_hub_logs():
+            row = next(it, end)
+        if row is end:
+            return
+        yield row
+
+
 def hf_documents(spec_text: str, opts: ReadOptions) -> Iterator[Document]:
     spec = parse_hf_spec(spec_text)
-    rows = _load(spec)
+    rows = _quiet_rows(_load(spec))
     column = None
     prefix = f"hf:{spec.dataset}{'/' + spec.config if spec.config else ''}/{spec.split}"
     for index, row in enumerate(rows):

@@ -134,7 +134,7 @@ def _sequential_stage(reg: Registry, cfg: ContinualConfig, k: int, prev: Path | 
         model = build_model(mcfg.lm_arch, LM_PRESET[mcfg.preset], vocab_size=data.vocab_size,
                             seq_len=data.seq_len, **mcfg.lm_overrides)
     else:
-        model = load_checkpoint(prev)
+        model = load_checkpoint(prev, expect="language model")
     settings = {**LM_TRAIN[mcfg.preset], "device": mcfg.device, "seed": mcfg.seed + k,
                 **mcfg.lm_train}
     if mcfg.steps_lm:
@@ -149,7 +149,7 @@ def _sequential_ppl(reg: Registry, ckpt: Path, names: list[str], cfg: ContinualC
 
     from cir.checkpoint import load_checkpoint
 
-    model = load_checkpoint(ckpt)
+    model = load_checkpoint(ckpt, expect="language model")
     out = {}
     for name in names:
         ids, mask = held_out(reg.data_dir(name), cfg.eval_chunks, split="test")

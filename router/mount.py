@@ -243,7 +243,7 @@ def held_out(data: Path, max_chunks: int, split: str = "val") -> tuple[torch.Ten
 def _calibrate(work: Path, data: Path, cfg: MountConfig) -> dict[str, Any]:
     from cir.checkpoint import load_checkpoint
 
-    model = load_checkpoint(work / "compressor")
+    model = load_checkpoint(work / "compressor", expect="compressor")
     ids, mask = held_out(data, cfg.calib_chunks)
     return calibrate(model, ids, mask, quantile=cfg.quantile, margin=cfg.margin,
                      loss_margin=cfg.loss_margin)

@@ -197,11 +197,10 @@ def route_chunks(
     )
 
 
-def check_temperature(temperature: float) -> float:
-    """``temperature`` if it is a finite number > 0, else a ``ValueError``."""
+def check_temperature(temperature: float) -> None:
+    """``ValueError`` unless ``temperature`` is a finite number > 0."""
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
-    return temperature
 
 
 def by_chunk_length(named: Iterable[tuple[str, int]]) -> dict[int, list[str]]:

@@ -218,6 +218,28 @@ def test_an_unreachable_hf_dataset_is_one_quiet_line(monkeypatch):
     assert logging.getLogger("huggingface_hub").level == level  # restored
 
 
+def test_a_streamed_hf_dataset_is_quiet_while_it_reads(monkeypatch):
+    """Streaming opens and reads the files as rows are taken, after ``load_dataset``: the
+    retry warnings stay silenced then too."""
+    import datasets
+
+    def stream(path, *args, **kwargs):  # lazy, as an IterableDataset
+        for k in range(2):
+            noisy.extend(logging.getLogger(name).isEnabledFor(logging.WARNING)
+                         for name in ("datasets.utils.file_utils", "huggingface_hub.utils._http"))
+            yield {"text": f"row {k} of a dataset streamed from the Hub"}
+        raise ConnectionError("Server Disconnected")  # as datasets fails after its retries
+
+    noisy: list[bool] = []
+    level = logging.getLogger("datasets").level
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])  # the host resolves
+    monkeypatch.setattr(datasets, "load_dataset", stream)
+    result = _invoke("build", "x", "--source", "hf:nobody/nothing", "--json")
+    assert result.exit_code == 2 and "Server Disconnected" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert noisy == [False] * 4 and logging.getLogger("datasets").level == level
+
+
 def test_show_checks_n_and_says_when_a_split_is_empty(tmp_path, tiny_tokenizer):
     name = next(f"doc{i}.txt" for i in range(100) if split_of(f"file:doc{i}.txt") == "train")
     (tmp_path / name).write_text("hello world, one small train document\n" * 20)

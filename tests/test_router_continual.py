@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import random
+import re
+import shutil
 
-from cir.router.continual import ContinualConfig, lm_comparison, run_continual
+import pytest
+from _router_helpers import make_checkpoints
+from cir.router.continual import (
+    ContinualConfig,
+    _sequential_ppl,
+    _sequential_stage,
+    lm_comparison,
+    run_continual,
+)
 from cir.router.mount import held_out
 from cir.router.registry import Registry
+
+from cir.checkpoint import CheckpointError
 
 DEBUG = dict(preset="debug", max_tokens=None, steps_compressor=30, steps_lm=8)
 
@@ -51,3 +63,18 @@ def test_continual_mount_c_keeps_a_and_b(tiny_corpus, tmp_path):
     ids, mask = held_out(reg.data_dir("code"), 4, split="test")
     cmp = lm_comparison(experts, ids, mask)
     assert set(cmp["single"]) == {"code", "prose", "ini"} and cmp["n_chunks"] == ids.shape[0]
+
+
+def test_sequential_baseline_refuses_a_compressor_checkpoint(tiny_tokenizer, tiny_dataset,
+                                                             tmp_path):
+    comp = make_checkpoints(tmp_path / "ck", tiny_tokenizer)[0]
+    reg = Registry(tmp_path / "registry")
+    reg.set_tokenizer(tiny_tokenizer)
+    shutil.copytree(tiny_dataset, reg.data_dir("code"))
+    cfg = ContinualConfig(domains=("code", "prose", "ini"), workdir=tmp_path / "bench",
+                          mount=DEBUG)
+    message = re.escape(f"{comp}: a compressor checkpoint, not a language model")
+    with pytest.raises(CheckpointError, match=message):
+        _sequential_stage(reg, cfg, 0, comp)  # fine-tuning goes on from the previous stage
+    with pytest.raises(CheckpointError, match=message):
+        _sequential_ppl(reg, comp, ["code"], cfg)

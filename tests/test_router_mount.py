@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import filelock
 import pytest
+from _router_helpers import make_checkpoints
 from cir.cli.main import app
 from cir.data import load_tokenizer
 from cir.router.mount import MountConfig, mount
@@ -76,6 +78,26 @@ def test_same_name_mount_in_progress_is_refused(tiny_corpus, tiny_tokenizer, tmp
     with filelock.FileLock(str(reg.work_dir("code")) + ".lock"):
         with pytest.raises(RegistryError, match="already running"):
             mount(reg, "code", str(tiny_corpus / "code"), MountConfig(**FAST))
+    assert reg.names() == []
+
+
+def test_mount_refuses_a_language_model_as_its_compressor(tiny_corpus, tiny_tokenizer, tmp_path,
+                                                          monkeypatch):
+    """Calibration loads the work dir's compressor: an LM there is one clear line, exit 2."""
+    import cir.router.mount as mount_mod
+
+    lm = make_checkpoints(tmp_path / "ck", tiny_tokenizer)[1]
+    reg = Registry(tmp_path / "registry")
+    reg.set_tokenizer(tiny_tokenizer)
+    monkeypatch.setattr(mount_mod, "_train_compressor",
+                        lambda work, *a: shutil.copytree(lm, work / "compressor"))
+    monkeypatch.setattr(mount_mod, "_train_lm", lambda *a: None)
+    res = CliRunner().invoke(app, ["mount", "code", "--source", str(tiny_corpus / "code"),
+                                   "--preset", "debug", "--registry", str(reg.root), "--json"])
+    where = reg.work_dir("code") / "compressor"
+    assert res.exit_code == 2, res.output
+    assert f"{where}: a tlinformer checkpoint, not a compressor" in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
     assert reg.names() == []
 
 
