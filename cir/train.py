@@ -52,6 +52,7 @@ from cir.checkpoint import (
     weights_metadata,
     write_config,
 )
+from cir.optim import BatchedMuon, MuonAdamW, muon_parameters
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -275,48 +276,6 @@ def _adamw(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -
                              fused=device.type == "cuda")
 
 
-def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The weights Muon trains: 2-D weights of ``nn.Linear`` layers, unless tied to an
-    embedding (a tied LM head is an embedding table, not a linear map of hidden states)."""
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    out, seen = [], set()
-    for m in model.modules():
-        w = m.weight if isinstance(m, nn.Linear) else None
-        if w is not None and w.requires_grad and w.dim() == 2 and id(w) not in tables | seen:
-            seen.add(id(w))
-            out.append(w)
-    return out
-
-
-class MuonAdamW:
-    """Muon on ``muon`` parameters, AdamW on the rest, stepped as one optimizer: one
-    learning rate (``param_groups`` lists both optimizers' groups), one state dict."""
-
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
-        self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.muon.param_groups + self.adamw.param_groups
-
-    def step(self) -> None:
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.muon.zero_grad(set_to_none=set_to_none)
-        self.adamw.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"muon", "adamw"}:
-            raise CheckpointError("the saved optimizer state is not Muon + AdamW")
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
-
-
 def make_optimizer(
     model: nn.Module, cfg: TrainConfig, device: torch.device
 ) -> torch.optim.AdamW | MuonAdamW:
@@ -326,8 +285,7 @@ def make_optimizer(
         return _adamw(params, cfg, device)
     matrices = muon_parameters(model)
     ids = {id(p) for p in matrices}
-    muon = torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    muon = BatchedMuon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return MuonAdamW(muon, _adamw([p for p in params if id(p) not in ids], cfg, device))
 
 

@@ -344,7 +344,7 @@ def test_warm_start_refuses_what_it_cannot_load(source_run, tmp_path):
 def test_muon_takes_the_linear_weights_and_adamw_the_rest():
     from cir.compressor.train import build_compressor
 
-    from cir.train import MuonAdamW, muon_parameters
+    from cir.optim import MuonAdamW, muon_parameters
 
     model = build_compressor("debug")
     opt = make_optimizer(model, _cfg(optimizer="muon"), torch.device("cpu"))
