@@ -202,14 +202,19 @@ def test_cli_expert_train_on_tiny_dataset(request, tmp_path):
         dataset = request.getfixturevalue("tiny_dataset")
     except pytest.FixtureLookupError:
         pytest.skip("the tiny_dataset fixture is not available")
-    out = tmp_path / "tlin"
-    res = CliRunner().invoke(app, ["expert", "train", "--data", str(dataset), "--out", str(out),
-                                   "--preset", "debug", "--steps", "6", "--batch-size", "4",
-                                   "--warmup-steps", "2", "--eval-every", "6", "--ckpt-every",
-                                   "6", "--device", "cpu", "--set", "seq_len=64", "--json"])
-    assert res.exit_code == 0, res.output
-    payload = json.loads(res.stdout)
-    assert payload["step"] == 6 and (out / "model.safetensors").is_file()
+    for optimizer in ("adamw", "muon"):
+        out = tmp_path / optimizer
+        res = CliRunner().invoke(app, [
+            "expert", "train", "--data", str(dataset), "--out", str(out), "--preset", "debug",
+            "--steps", "6", "--batch-size", "4", "--warmup-steps", "2", "--eval-every", "6",
+            "--ckpt-every", "6", "--device", "cpu", "--set", "seq_len=64",
+            "--optimizer", optimizer, "--json"])
+        assert res.exit_code == 0, res.output
+        payload = json.loads(res.stdout)
+        assert payload["step"] == 6 and (out / "model.safetensors").is_file()
+        state = torch.load(out / "train_state.pt", weights_only=True)
+        assert json.loads(state["train_config"])["optimizer"] == optimizer
+        assert ("muon" in state["optimizer"]) == (optimizer == "muon")
 
 
 def test_memory_budget_is_a_fraction_of_the_card_on_an_indexed_device():

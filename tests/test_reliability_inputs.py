@@ -244,6 +244,10 @@ def test_score_out_of_range_numbers(reg, tmp_path, args, message):
       "--set", "d_model=abc"], "d_model must be int, got 'abc'"),
     (["expert", "train", "--data", "DATA", "--out", "OUT", "--preset", "debug",
       "--set", "n_embd=[1, 2]"], "n_embd must be int, got [1, 2]"),
+    (["compressor", "train", "--data", "DATA", "--out", "OUT", "--preset", "debug",
+      "--optimizer", "sgd"], "optimizer must be adamw or muon"),
+    (["expert", "train", "--data", "DATA", "--out", "OUT", "--preset", "debug",
+      "--optimizer", "lion"], "optimizer must be adamw or muon"),
 ])
 def test_cli_bad_numbers_and_presets(args, message, tiny_corpus, tiny_dataset, tmp_path):
     subst = {"SRC": str(tiny_corpus / "prose"), "DATA": str(tiny_dataset),
