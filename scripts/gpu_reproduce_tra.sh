@@ -25,6 +25,9 @@
 #   scripts/weight_parts.py split` packs a checkpoint into compressed bf16 parts (<= 16 MB
 #   each) that travel in pieces; INIT_FROM=<parts or checkpoint dir> starts `train` from
 #   them with a fresh optimizer, the learning rate re-warmed over the warmup steps.
+#   NPROC=n trains on n GPUs of the machine (torchrun, DDP; scripts/tra_train.py is the
+#   training stage): BATCH stays the global batch, split between them, so raise it to keep
+#   each GPU as busy as one is with 64 chunks.
 #   OPTIMIZER=muon trains the Linear layers' weights with Muon (AdamW on the rest, the same
 #   LR; keep it for every call of one run: a resumed run must have its settings).
 #   DROPOUT=p trains with dropout p (a warm start may turn it on; keep it for every call
@@ -62,6 +65,7 @@ DECAY_STEPS=${DECAY_STEPS:-0}
 EVAL_RESERVE_S=${EVAL_RESERVE_S:-40}
 MAX_TOKENS=${MAX_TOKENS:-80000000}
 EXTRA_CODE=${EXTRA_CODE:-}
+NPROC=${NPROC:-1}
 TRAIN_DATA=gpu-code
 also=()  # data overlap: the other training corpus whose n-grams count as seen
 if [[ -n $EXTRA_CODE ]]; then TRAIN_DATA=gpu-code,gpu-extra; also=(--also gpu-extra); fi
@@ -119,32 +123,11 @@ if [[ $stage == train || $stage == all ]]; then
   for d in "${sets[@]}"; do route-cli data info gpu-$d --json > /tmp/data_$d.json; done
   python3 -c 'import json, sys; print(json.dumps({n: json.load(open(f"/tmp/data_{n}.json"))
     for n in sys.argv[1:]}, indent=1))' "${sets[@]}" > "$OUT/data.json"
-  TRAIN_DATA=$TRAIN_DATA STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK SCHEDULE=$SCHEDULE DECAY_STEPS=$DECAY_STEPS \
-    OPTIMIZER=${OPTIMIZER:-adamw} \
-    CONSTANT_STEPS=${CONSTANT_STEPS:-0} INIT_FROM=$INIT_FROM DROPOUT=${DROPOUT:-} python3 -P - <<'PY'
-import json, os, time
-from cir.compressor.train import default_train_config, train_compressor
-from cir.train import plan_decay
-steps, decay_frac, decay = int(os.environ["STEPS"]), 0.2, int(os.environ["DECAY_STEPS"])
-init = os.environ["INIT_FROM"] or None
-if decay > 0:  # finish a wsd run from where it stands; the same numbers resume the decay
-    steps, decay_frac = plan_decay(os.environ["CK"], decay, int(os.environ["CONSTANT_STEPS"]), init)
-cfg = default_train_config(
-    "paper", steps=steps, batch_size=int(os.environ["BATCH"]), lr=float(os.environ["LR"]),
-    schedule=os.environ["SCHEDULE"], decay_frac=decay_frac, optimizer=os.environ["OPTIMIZER"],
-    warmup_steps=300, log_every=50, eval_every=1000, eval_batches=8, ckpt_every=1000,
-    compile=True, device="cuda", max_wall_s=float(os.environ["WALL_S"]),
-)
-t0 = time.time()
-def show(r):
-    if r["event"] == "train" and r["step"] % 500 == 0 or r["event"] == "eval":
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
-drop = {"dropout": float(os.environ["DROPOUT"])} if os.environ["DROPOUT"] else None
-res = train_compressor(os.environ["TRAIN_DATA"].split(","), os.environ["CK"], preset="paper", train_cfg=cfg, on_log=show,
-                       init_from=init, overrides=drop)
-print(json.dumps({"steps": res.step, "stopped_early": res.stopped_early, "wall_s": time.time() - t0,
-                  "last": res.last, "last_eval": res.last_eval}))
-PY
+  launch=(python3 -P)  # NPROC=n: n GPUs of this machine, DDP through torchrun
+  if [[ $NPROC -gt 1 ]]; then launch=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC"); fi
+  TRAIN_DATA=$TRAIN_DATA STEPS=$STEPS WALL_S=$WALL_S BATCH=$BATCH LR=$LR CK=$CK SCHEDULE=$SCHEDULE \
+    DECAY_STEPS=$DECAY_STEPS CONSTANT_STEPS=${CONSTANT_STEPS:-0} INIT_FROM=$INIT_FROM \
+    OPTIMIZER=${OPTIMIZER:-adamw} DROPOUT=${DROPOUT:-} "${launch[@]}" scripts/tra_train.py
   cp "$CK/metrics.jsonl" "$OUT/metrics.jsonl"
   # the table now, in case the machine is gone before `eval`; EVAL_RESERVE_S=0 leaves no time for it
   if [[ $stage == train && $EVAL_RESERVE_S -gt 0 ]]; then
