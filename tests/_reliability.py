@@ -36,14 +36,18 @@ class KillOutcome:
     seconds: float
 
 
-def kill_after(args: list[str], delay: float, poll: Callable[[], None] | None = None) -> KillOutcome:
-    """Start ``route-cli ARGS``, SIGKILL it after ``delay`` seconds (``poll`` runs meanwhile)."""
+def kill_after(args: list[str], delay: float, poll: Callable[[], None] | None = None,
+               until: Callable[[], bool] | None = None) -> KillOutcome:
+    """Start ``route-cli ARGS``, SIGKILL it after ``delay`` seconds, or as soon as ``until()``
+    is true (``poll`` runs meanwhile)."""
     start = time.monotonic()
     proc = subprocess.Popen([*ROUTE_CLI, *args], env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     while proc.poll() is None and time.monotonic() - start < delay:
         if poll is not None:
             poll()
+        if until is not None and until():
+            break
         time.sleep(0.02)
     killed = proc.poll() is None
     if killed:
