@@ -351,6 +351,13 @@ class Registry:
         The copy is built in a temp dir inside the registry, fsynced, then renamed into
         place under the lock. An existing expert is never replaced or modified."""
         validate_name(name)
+        from cir.checkpoint import ROLES, read_config
+
+        for role, src in (("compressor", compressor_dir), ("language model", lm_dir)):
+            kind = read_config(src)[0]  # a checkpoint directory, or a clear error
+            if kind not in ROLES[role]:
+                raise RegistryError(
+                    f"refusing {name}: {src} is a {kind} checkpoint, not a {role}")
         reg_hash = self.tokenizer_hash()
         for part, src in (("compressor", compressor_dir), ("lm", lm_dir)):
             tok = Path(src) / TOKENIZER_FILE

@@ -90,6 +90,17 @@ def test_other_tokenizer_refused(tiny_tokenizer, tmp_path):
     assert reg.names() == []
 
 
+def test_checkpoints_of_the_wrong_kind_refused(tiny_tokenizer, tmp_path):
+    reg = registry_with([], tiny_tokenizer, tmp_path)
+    comp, lm = make_checkpoints(tmp_path / "w", tiny_tokenizer)
+    with pytest.raises(RegistryError, match=f"{lm} is a tlinformer checkpoint, not a compressor"):
+        reg.add_expert("x", lm, lm, {})
+    with pytest.raises(RegistryError, match="compressor checkpoint, not a language model"):
+        reg.add_expert("x", comp, comp, {})
+    assert reg.names() == [] and sorted(p.name for p in reg.root.iterdir()) == sorted(
+        p.name for p in registry_with([], tiny_tokenizer, tmp_path / "fresh").root.iterdir())
+
+
 def test_concurrent_adds(tiny_tokenizer, tmp_path):
     reg = registry_with([], tiny_tokenizer, tmp_path)
     ckpts = {n: make_checkpoints(tmp_path / "w" / n, tiny_tokenizer) for n in ("a", "b")}
