@@ -6,8 +6,8 @@ quintic Newton-Schulz iteration in bf16, and scales the step so that its RMS mat
 AdamW's (0.2 sqrt(max(A, B)) times the learning rate): the learning rate and decoupled
 weight decay tuned for AdamW carry over.
 
-``BatchedMuon`` computes exactly what ``torch.optim.Muon`` does with
-``adjust_lr_fn="match_rms_adamw"``, but runs the iteration once for all matrices of a
+``BatchedMuon`` computes the update ``torch.optim.Muon`` computes with
+``adjust_lr_fn="match_rms_adamw"`` (tests/test_optim.py compares them on the CPU), but runs the iteration once for all matrices of a
 shape (stacked, with batched matmuls) instead of once per matrix: the 88 weight matrices
 of the ``paper`` compressor make 4 stacks, so a step launches a few dozen kernels instead
 of a few thousand, which is what bounds ``torch.optim.Muon`` on a GPU (the first Muon run
