@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,35 +110,22 @@ def _load(spec: HFSpec) -> Any:
     kwargs: dict[str, Any] = {"split": spec.split, "streaming": spec.streaming}
     if spec.data_files:
         kwargs["data_files"] = spec.data_files
-    with _quiet_hub_logs():
-        return datasets.load_dataset(spec.dataset, spec.config, **kwargs)
-
-
-def _quiet_rows(rows: Iterable[Any]) -> Iterator[Any]:
-    """``rows``, each fetched with the retry warnings silenced: a streamed dataset opens
-    and reads its files only now, not in ``load_dataset``."""
-    end = object()
-    with _quiet_hub_logs():
-        it = iter(rows)
-    while True:
-        with _quiet_hub_logs():
-            row = next(it, end)
-        if row is end:
-            return
-        yield row
+    return datasets.load_dataset(spec.dataset, spec.config, **kwargs)
 
 
 def hf_documents(spec_text: str, opts: ReadOptions) -> Iterator[Document]:
     spec = parse_hf_spec(spec_text)
-    rows = _quiet_rows(_load(spec))
     column = None
     prefix = f"hf:{spec.dataset}{'/' + spec.config if spec.config else ''}/{spec.split}"
-    for index, row in enumerate(rows):
-        column = column or _text_column(row, spec.column)
-        row_id = row.get("id", index)
-        where = f"{prefix}/{row_id}"
-        text = row.get(column)
-        if not isinstance(text, str) or not text.strip():
-            _reject(opts, "empty", where)
-            continue
-        yield Document(where, text, f"hf:{spec.dataset}")
+    # quiet for the whole read, not only `load_dataset`: a streamed dataset opens and reads
+    # its files as rows are taken (the levels come back when the read ends or is dropped)
+    with _quiet_hub_logs():
+        for index, row in enumerate(_load(spec)):
+            column = column or _text_column(row, spec.column)
+            row_id = row.get("id", index)
+            where = f"{prefix}/{row_id}"
+            text = row.get(column)
+            if not isinstance(text, str) or not text.strip():
+                _reject(opts, "empty", where)
+                continue
+            yield Document(where, text, f"hf:{spec.dataset}")
