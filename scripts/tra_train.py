@@ -13,21 +13,43 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 
 from cir.compressor.train import default_train_config, train_compressor
 
-from cir.train import plan_decay
+from cir.train import plan_decay, resolve_device
+
+
+def _steps(env: Mapping[str, str], init: str | None) -> tuple[int, float]:
+    """``(steps, decay_frac)``: with DECAY_STEPS, the wsd run finished from where it stands
+    (the same numbers resume the decay). Under torchrun rank 0 writes the plan first and the
+    other ranks then read it, so no two processes write its file at once."""
+    decay = int(env.get("DECAY_STEPS", "0"))
+    if decay <= 0:
+        return int(env["STEPS"]), 0.2
+
+    def plan() -> tuple[int, float]:
+        return plan_decay(env["CK"], decay, int(env.get("CONSTANT_STEPS", "0")), init)
+
+    if int(env.get("WORLD_SIZE", "1")) == 1:
+        return plan()
+    import torch
+    import torch.distributed as dist
+
+    device = resolve_device(env.get("DEVICE", "cuda"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")  # train's too
+    first = plan() if dist.get_rank() == 0 else None
+    dist.barrier()
+    return first or plan()
 
 
 def main() -> None:
     env = os.environ
     main_rank = int(env.get("RANK", "0")) == 0
-    steps, decay_frac = int(env["STEPS"]), 0.2
-    decay = int(env.get("DECAY_STEPS", "0"))
     init = env.get("INIT_FROM") or None
-    if decay > 0:  # finish a wsd run from where it stands; the same numbers resume the decay
-        steps, decay_frac = plan_decay(env["CK"], decay, int(env.get("CONSTANT_STEPS", "0")),
-                                       init)
+    steps, decay_frac = _steps(env, init)
     preset = env.get("PRESET", "paper")
     cfg = default_train_config(
         preset, steps=steps, batch_size=int(env["BATCH"]), lr=float(env["LR"]),

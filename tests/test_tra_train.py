@@ -38,8 +38,10 @@ def test_one_process_trains_resumes_and_finishes_a_decay(tiny_dataset, tmp_path)
 
 
 def test_two_processes_under_torchrun_match_one(tiny_dataset, tmp_path):
-    one = _run(tiny_dataset, tmp_path / "one", OPTIMIZER="muon")
-    two = _run(tiny_dataset, tmp_path / "two", nproc=2, OPTIMIZER="muon")
+    # a whole run as a decay from step 0: under torchrun rank 0 alone writes the plan
+    one = _run(tiny_dataset, tmp_path / "one", OPTIMIZER="muon", STEPS="100", DECAY_STEPS="8")
+    two = _run(tiny_dataset, tmp_path / "two", nproc=2, OPTIMIZER="muon", STEPS="100",
+               DECAY_STEPS="8")
     assert [r["steps"] for r in two if "steps" in r and "event" not in r] == [8]  # rank 0 only
     assert two[-1]["steps"] == one[-1]["steps"] == 8
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
