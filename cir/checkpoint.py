@@ -193,6 +193,13 @@ def saved_step(path: str | Path) -> int:
     return int(step)
 
 
+def check_role(directory: str | Path, kind: str, expect: str) -> None:
+    """``CheckpointError`` unless a checkpoint of ``kind`` is a ``expect`` (a key of
+    ``ROLES``)."""
+    if kind not in ROLES[expect]:
+        raise CheckpointError(f"{directory}: a {kind} checkpoint, not a {expect}")
+
+
 def load_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu", expect: str | None = None
 ) -> nn.Module:
@@ -201,8 +208,8 @@ def load_checkpoint(
     weights are read."""
     directory = Path(directory)
     kind, config = read_config(directory)
-    if expect is not None and kind not in ROLES[expect]:
-        raise CheckpointError(f"{directory}: a {kind} checkpoint, not a {expect}")
+    if expect is not None:
+        check_role(directory, kind, expect)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: missing {WEIGHTS_FILE}")

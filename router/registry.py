@@ -351,13 +351,14 @@ class Registry:
         The copy is built in a temp dir inside the registry, fsynced, then renamed into
         place under the lock. An existing expert is never replaced or modified."""
         validate_name(name)
-        from cir.checkpoint import ROLES, read_config
+        from cir.checkpoint import CheckpointError, check_role, read_config
 
         for role, src in (("compressor", compressor_dir), ("language model", lm_dir)):
             kind = read_config(src)[0]  # a checkpoint directory, or a clear error
-            if kind not in ROLES[role]:
-                raise RegistryError(
-                    f"refusing {name}: {src} is a {kind} checkpoint, not a {role}")
+            try:
+                check_role(src, kind, role)
+            except CheckpointError as exc:
+                raise RegistryError(f"refusing {name}: {exc}") from None
         reg_hash = self.tokenizer_hash()
         for part, src in (("compressor", compressor_dir), ("lm", lm_dir)):
             tok = Path(src) / TOKENIZER_FILE
@@ -391,11 +392,8 @@ class Registry:
         meta: dict[str, Any],
         tokenizer_sha256: str,
     ) -> None:
-        from cir.checkpoint import read_config
-
         params: dict[str, int] = {}
         for part, src in (("compressor", Path(compressor_dir)), ("lm", Path(lm_dir))):
-            read_config(src)  # a checkpoint directory, or a clear error
             (tmp / part).mkdir()
             for fname in CHECKPOINT_FILES:
                 shutil.copyfile(src / fname, tmp / part / fname)

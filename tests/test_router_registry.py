@@ -93,7 +93,7 @@ def test_other_tokenizer_refused(tiny_tokenizer, tmp_path):
 def test_checkpoints_of_the_wrong_kind_refused(tiny_tokenizer, tmp_path):
     reg = registry_with([], tiny_tokenizer, tmp_path)
     comp, lm = make_checkpoints(tmp_path / "w", tiny_tokenizer)
-    with pytest.raises(RegistryError, match=f"{lm} is a tlinformer checkpoint, not a compressor"):
+    with pytest.raises(RegistryError, match=f"refusing x: {lm}: a tlinformer checkpoint, not a compressor"):
         reg.add_expert("x", lm, lm, {})
     with pytest.raises(RegistryError, match="compressor checkpoint, not a language model"):
         reg.add_expert("x", comp, comp, {})
