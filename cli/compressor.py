@@ -340,7 +340,63 @@ def bench_cmd(
     console.print(table)
 
 
+@handle_errors
+def bench_train_cmd(
+    preset: str = typer.Option("small", "--preset", help="Preset to measure."),
+    batch_size: int = typer.Option(0, help="Chunks per step (0: the preset's default)."),
+    repeats: int = typer.Option(5, help="Timed steps (the median is reported)."),
+    warmup: int = typer.Option(2, help="Untimed steps first (compilation happens there)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    compile_mode: list[str] = typer.Option(
+        ["off"], "--compile", help="off | default | reduce-overhead | max-autotune | "
+        "max-autotune-no-cudagraphs; repeat to compare."),
+    optimizer: list[str] = typer.Option(["adamw"], "--optimizer",
+                                        help="adamw | muon; repeat to compare."),
+    loss_fraction: float = typer.Option(0.0, help="Share of positions the loss is taken on "
+                                        "(0: the preset's default)."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA) | fp32 | bf16"),
+    peak_tflops: float = typer.Option(989.0, help="The chip's dense bf16 peak, for MFU."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Training throughput (tokens/s, MFU on CUDA) of a compressor preset on this machine.
+
+    One step is what `compressor train` runs: autocast, the preset's loss, backward,
+    clipping, the optimizer step; on random weights and full random chunks.
+    Example: route-cli bench compressor-train --preset paper --device cuda
+    --compile default --compile max-autotune-no-cudagraphs --optimizer adamw --optimizer muon
+    """
+    from cir.compressor.bench import bench_training
+
+    runs = [(c, o) for c in compile_mode for o in optimizer]
+    results = []
+    with progress(disable=as_json) as bar:
+        task = bar.add_task("bench", total=len(runs), info="")
+        for comp, opt in runs:
+            bar.update(task, info=f"{preset} {comp} {opt}")
+            results.append(bench_training(
+                preset, batch_size=batch_size or None, repeats=repeats, warmup=warmup,
+                device=device, compile=comp, optimizer=opt,
+                loss_fraction=loss_fraction or None, precision=precision,
+                peak_tflops=peak_tflops))
+            bar.advance(task)
+    if as_json:
+        print_json([r.to_dict() for r in results])
+        return
+    table = Table(title=f"compressor training throughput ({preset}, random weights)")
+    cols = ("compile", "optimizer", "device", "batch", "loss on", "median s/step", "tokens/s",
+            "MFU", "peak GiB")
+    for col in cols:
+        table.add_column(col, justify="left" if col in cols[:3] else "right")
+    for r in results:
+        table.add_row(r.compile, r.optimizer, r.device, f"{r.batch_size}x{r.seq_len}",
+                      f"{r.loss_fraction:.0%}", f"{r.median_s:.4f}", f"{r.tokens_per_s:,.0f}",
+                      "-" if r.mfu is None else f"{r.mfu:.1%}",
+                      "-" if r.peak_memory_gib is None else f"{r.peak_memory_gib:.1f}")
+    console.print(table)
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this group's commands to the top-level app and the `bench` group."""
     app.add_typer(compressor_app, name="compressor")
     bench.command("compressor")(bench_cmd)
+    bench.command("compressor-train")(bench_train_cmd)

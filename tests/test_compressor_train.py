@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from cir.cli.main import app
-from cir.compressor.bench import bench_scoring
+from cir.compressor.bench import bench_scoring, bench_training
 from cir.compressor.evaluate import auroc, auroc_table, evaluate, rows_to_markdown
 from cir.compressor.model import Compressor
 from cir.compressor.train import default_train_config, train_compressor
@@ -135,6 +135,27 @@ def test_bench_reports_throughput():
     r = bench_scoring("debug", batch_size=4, repeats=2, warmup=1)
     assert r.params > 0 and r.tokens_per_s > 0 and r.random_weights
     assert r.tokens_per_s == pytest.approx(4 * r.seq_len / r.median_s)
+
+
+def test_bench_training_reports_a_training_step():
+    r = bench_training("debug", batch_size=4, repeats=2, warmup=1, optimizer="muon")
+    assert (r.batch_size, r.seq_len, r.optimizer, r.compile) == (4, 32, "muon", "off")
+    assert r.tokens_per_s == pytest.approx(4 * r.seq_len / r.median_s)
+    assert r.mfu is None and r.peak_memory_gib is None  # CUDA only
+    # the preset's own loss fraction unless one is given
+    assert bench_training("small", batch_size=1, repeats=1, warmup=0,
+                          n_enc_layers=1, n_dec_layers=1).loss_fraction == 0.25
+    with pytest.raises(ValueError, match="compile must be one of"):
+        bench_training("debug", compile="fast")
+
+
+def test_cli_bench_training_json():
+    res = CliRunner().invoke(app, ["bench", "compressor-train", "--preset", "debug",
+                                   "--repeats", "1", "--warmup", "0", "--batch-size", "2",
+                                   "--optimizer", "adamw", "--optimizer", "muon", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [r["optimizer"] for r in out] == ["adamw", "muon"] and out[0]["tokens_per_s"] > 0
 
 
 def test_cli_bench_json():
