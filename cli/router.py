@@ -80,7 +80,8 @@ def render_report(report: Any, per_chunk: bool = False) -> None:
         console.print(f"  [yellow]warning:[/] {warning}")
     console.print(table)
     console.print(f"  route: [bold green]{verdict}[/]  (loss-weighted: {dec['loss_weighted']}, "
-                  f"unknown chunks: {dec['unknown_fraction']:.0%})  verdict: {ood}")
+                  f"unknown: {dec['unknown_fraction']:.0%} of tokens, "
+                  f"{int(res.unknown.sum())} of {len(res)} chunks)  verdict: {ood}")
     segs = res.segments()
     if len(segs) > 1:
         console.print("  segments: " + ", ".join(
@@ -197,7 +198,7 @@ def unmount_cmd(
     Example: route-cli unmount c-code --yes
     """
     reg = _registry(registry)
-    reg.info(name)  # unknown names fail here, listing the mounted ones
+    reg.require(name)  # unknown names fail here, listing the mounted ones (corrupted: fine)
     if not yes and not typer.confirm(f"remove expert {name!r} from {reg.root}?"):
         raise typer.Abort()
     reg.remove(name)
@@ -298,9 +299,13 @@ def quickstart_cmd(
     with progress(disable=as_json) as bar:
         task = bar.add_task("quickstart", total=None, info="")
         res = quickstart(registry, force=force, on_event=_mount_progress(bar, task))
+    if not as_json:
+        for name, error in res.errors:
+            err_console.print(f"[yellow]warning:[/] expert {name} not loaded: {error}")
     if as_json:
         print_json({"registry": str(res.registry), "domains": res.domains,
                     "mounted": res.mounted, "reused": res.reused, "timings": res.timings,
+                    "corrupted": [{"name": n, "error": e} for n, e in res.errors],
                     "samples": [r.to_dict() for r in res.reports]})
         return
     console.print(f"registry [bold]{res.registry}[/]: mounted {res.mounted or 'none'}, "

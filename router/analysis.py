@@ -376,6 +376,9 @@ def expert_dataset(registry: Any, info: Any, overrides: dict[str, str] | None = 
         value = info.meta.get(key)
         if isinstance(value, str) and value:
             return value
+    kept = registry.data_dir(info.name)  # the very corpus the mount trained on
+    if (kept / "manifest.json").is_file():
+        return str(kept)
     source = info.meta.get("source")
     if not source:
         raise ValueError(f"{info.name}: meta.json names neither a dataset nor a source; "

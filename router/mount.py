@@ -253,7 +253,9 @@ def _meta(source: Any, data: Path, cfg: MountConfig, results: dict[str, Any]) ->
     manifest = json.loads((data / "manifest.json").read_text())
     return {
         "domain": results["name"],
-        "source": source if isinstance(source, str) else [str(s) for s in source],
+        # as resumes compare it: a relative directory resolved, so it names the same files
+        # whatever the current directory of a later `analyze` / `index build`
+        "source": _resume_record(source, cfg)["source"],
         "corpus_fingerprint": sha256_file(data / "manifest.json"),
         "corpus": {k: manifest.get(k) for k in ("splits", "skipped", "seq_len", "vocab_size")},
         "mount_config": asdict(cfg),
@@ -281,10 +283,11 @@ def mount(
     work = registry.work_dir(name)
     if name in registry:
         raise ExpertExistsError(f"an expert named {name!r} is already mounted (unmount it first)")
+    registry.check_free(name)  # before training: the name's path may be taken otherwise
     check_chunk_len(registry, name, cfg)
     work.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with filelock.FileLock(str(work) + ".lock", timeout=0):
+        with filelock.FileLock(str(registry.mount_lock_path(name)), timeout=0):
             return _mount_locked(registry, name, source, cfg, work, on_event or (lambda e: None))
     except filelock.Timeout:
         raise RegistryError(f"a mount of {name!r} is already running in {registry.root}") from None

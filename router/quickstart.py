@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cir.router.mount import MountConfig, mount
-from cir.router.registry import Registry
+from cir.router.registry import Registry, RegistryError
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 QUICK_VOCAB = 2048
@@ -55,6 +55,7 @@ class QuickstartResult:
     timings: dict[str, float] = field(default_factory=dict)
     samples: list[Path] = field(default_factory=list)
     reports: list[Any] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (expert, why not loaded)
 
 
 def quick_domains() -> list[str]:
@@ -157,6 +158,12 @@ def quickstart(
         res.timings[f"mount_{name}_s"] = time.perf_counter() - t
     t = time.perf_counter()
     loaded = reg.load(list(domains))
+    res.errors = loaded.errors
+    if not loaded.experts:
+        raise RegistryError(
+            f"no usable expert in {reg.root} ({'; '.join(e for _, e in loaded.errors)}); "
+            "run `route-cli quickstart --force` to rebuild"
+        )
     res.samples = write_samples(samples_dir or reg.root / ".samples")
     res.reports = score_paths(res.samples, loaded.experts, load_tokenizer(reg.tokenizer_path))
     res.timings["score_s"] = time.perf_counter() - t

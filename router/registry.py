@@ -243,14 +243,24 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self.names()
 
-    def info(self, name: str) -> ExpertInfo:
-        """Metadata of a mounted expert; an unknown name lists the mounted ones."""
+    def require(self, name: str) -> str:
+        """``name`` if it is mounted (its metadata is not read, so a corrupted expert
+        passes); an unknown name lists the mounted ones."""
         validate_name(name)
         if name not in self.names():
             mounted = ", ".join(self.names()) or "none"
             raise UnknownExpertError(
                 f"no expert named {name!r} in {self.root} (mounted: {mounted})"
             )
+        return name
+
+    def mount_lock_path(self, name: str) -> Path:
+        """The per-name lock of a mount in progress (a leading dot: no name can collide)."""
+        return self.root / ".work" / f".{validate_name(name)}.lock"
+
+    def info(self, name: str) -> ExpertInfo:
+        """Metadata of a mounted expert; an unknown name lists the mounted ones."""
+        self.require(name)
         path = self.root / name
         try:
             meta = json.loads((path / META_FILE).read_text())
@@ -297,7 +307,8 @@ class Registry:
         An unknown name raises; a corrupted expert lands in ``errors`` and the rest load."""
         from cir.checkpoint import CheckpointError, load_checkpoint
 
-        wanted = self.names() if names is None else [self.info(n).name for n in names]
+        # unknown names raise; unreadable metadata is reported below, as any corruption
+        wanted = self.names() if names is None else [self.require(n) for n in names]
         experts, errors = [], []
         for name in wanted:
             try:
@@ -367,20 +378,29 @@ class Registry:
                     f"refusing {name}: its {part} was built with a tokenizer other than the "
                     f"registry's ({self.tokenizer_path})"
                 )
-        if name in self:
-            raise ExpertExistsError(f"an expert named {name!r} is already mounted")
+        self.check_free(name)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-{os.getpid()}-", dir=self.root))
         try:
             self._stage(tmp, name, compressor_dir, lm_dir, calibration, meta or {}, reg_hash)
             with self.lock():
-                if (self.root / name).exists():
-                    raise ExpertExistsError(f"an expert named {name!r} is already mounted")
+                self.check_free(name)
                 os.replace(tmp, self.root / name)
                 _fsync_dir(self.root)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return self.info(name)
+
+    def check_free(self, name: str) -> None:
+        """``ExpertExistsError`` when ``REGISTRY/name`` is taken: by a mounted expert, or by
+        anything else (the registry tokenizer, a directory left without its meta.json)."""
+        if name in self:
+            raise ExpertExistsError(f"an expert named {name!r} is already mounted")
+        if os.path.lexists(self.root / name):
+            raise ExpertExistsError(
+                f"{self.root / name} exists but is not a mounted expert (no readable "
+                "meta.json, or a registry file): choose another name, or remove that path"
+            )
 
     def _stage(
         self,
@@ -419,8 +439,9 @@ class Registry:
         _fsync_tree(tmp)
 
     def remove(self, name: str) -> None:
-        """Unmount ``name``: renamed away under the lock, then deleted."""
-        self.info(name)
+        """Unmount ``name``: renamed away under the lock, then deleted. Its metadata is not
+        read, so a corrupted expert can be unmounted."""
+        self.require(name)
         with self.lock():
             trash = self.root / f"{TMP_PREFIX}removed-{name}-{os.getpid()}-{time.time_ns()}"
             os.replace(self.root / name, trash)

@@ -116,8 +116,11 @@ class RouteResult:
         """Token-weighted mean loss and TRA of each expert over all chunks."""
         w = self.n_tokens.double()[:, None]  # [N, 1]
         total = max(float(w.sum()), 1.0)
-        loss = (torch.nan_to_num(self.loss.double()) * w).sum(0) / total  # [E]
-        tra = (torch.nan_to_num(self.tra.double()) * w).sum(0) / total  # [E]
+        # an empty chunk (weight 0) drops out; a NaN score on real tokens (a diverged
+        # compressor) stays NaN, as routing never picks it, instead of reading as loss 0
+        real = w > 0  # [N, 1]
+        loss = torch.where(real, self.loss.double(), 0.0).mul(w).sum(0) / total  # [E]
+        tra = torch.where(real, self.tra.double(), 0.0).mul(w).sum(0) / total  # [E]
         return {n: {"loss": float(lo), "tra": float(t)} for n, lo, t in zip(self.names, loss, tra, strict=True)}
 
     def decision(self) -> dict[str, Any]:
@@ -130,7 +133,7 @@ class RouteResult:
         total = max(sum(shares.values()), 1)
         majority = max(shares, key=lambda k: (shares[k], k != UNKNOWN))
         means = self.expert_means()
-        loss_weighted = min(means, key=lambda k: means[k]["loss"])
+        loss_weighted = min(means, key=lambda k: _nan_last(means[k]["loss"]))
         return {
             "majority": majority,
             "loss_weighted": loss_weighted,
@@ -166,6 +169,10 @@ class RouteResult:
             temperature=first.temperature,
             loss_thresholds=first.loss_thresholds,
         )
+
+
+def _nan_last(x: float) -> float:
+    return float("inf") if math.isnan(x) else x
 
 
 def route_chunks(

@@ -228,7 +228,8 @@ def _open_input(
             return FileReport(name, "skipped", "directory")
         if p.is_file():
             info = sniff(_file_blocks(p))
-            info.n_bytes = p.stat().st_size
+            if info.binary:  # the sniff stopped early: the size is the file's
+                info.n_bytes = p.stat().st_size
             return _checked(name, p, info)
         src = stack.enter_context(open(p, "rb"))  # a pipe or device: st_size says nothing
     tmp = stack.enter_context(tempfile.NamedTemporaryFile(prefix="cir-score-"))

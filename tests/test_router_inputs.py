@@ -1,4 +1,4 @@
-"""Router inputs the audit found let through: chunk lengths, pipes, non-finite numbers,
+"""Router inputs that must be refused or skipped: chunk lengths, pipes, non-finite numbers,
 resuming with other inputs, `perplexity --routed` on bad files, failed-mount leftovers."""
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def test_same_name_mount_in_progress_is_refused(tiny_corpus, tiny_tokenizer, tmp
     reg = Registry(tmp_path / "registry")
     reg.set_tokenizer(tiny_tokenizer)
     reg.work_dir("code").parent.mkdir(parents=True)
-    with filelock.FileLock(str(reg.work_dir("code")) + ".lock"):
+    with filelock.FileLock(str(reg.mount_lock_path("code"))):
         with pytest.raises(RegistryError, match="already running"):
             mount(reg, "code", str(tiny_corpus / "code"), MountConfig(**FAST))
     assert reg.names() == []
