@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from cir.cli.common import console, fail, handle_errors, print_json, progress
+from cir.cli.common import console, err_console, fail, handle_errors, print_json, progress
 from rich.table import Table
 
 analyze_app = typer.Typer(help="TRA tables and latent-space plots of compressors.",
@@ -270,7 +270,7 @@ def index_build_cmd(
 
 @handle_errors
 def explain_cmd(
-    file: Path = typer.Argument(..., help="Text file to explain."),
+    file: str = typer.Argument(..., help="Text file to explain ('-': standard input)."),
     k: int = typer.Option(3, "--k", min=1, help="Nearest training chunks per expert."),
     registry: Path | None = typer.Option(None, "--registry", help="Registry directory."),
     index: Path | None = typer.Option(None, "--index", help="Indexes built with "
@@ -282,26 +282,30 @@ def explain_cmd(
 
     For each chunk of FILE: every expert's reconstruction loss and its k nearest training
     chunks in latent space (text snippet and source), from `route-cli index build`.
+    Binary, empty and whitespace-only files are refused as `score` skips them.
 
     Example: route-cli explain mycode.py --k 3
     """
     from cir.data import load_tokenizer
-    from cir.router.latent_index import LatentIndex, explain_chunks, file_chunks, index_dir
+    from cir.router.latent_index import LatentIndex, explain_chunks, index_dir
+    from cir.router.score import FileReport, read_chunks
 
-    if not file.is_file():
-        fail(f"{file}: no such file")
     reg = _registry(registry)
     loaded = reg.load()
     if loaded.errors or not loaded.experts:
         fail(loaded.errors[0][1] if loaded.errors else f"registry {reg.root} has no experts")
     tok = load_tokenizer(reg.tokenizer_path)
+    got = read_chunks(file, tok, loaded.experts[0].compressor.config.seq_len, max_chunks)
+    if isinstance(got, FileReport):
+        fail(f"{file}: {got.reason}" + (": nothing to explain" if got.status == "skipped" else ""))
+    ids, mask, warnings = got
     experts = {e.name: (e.compressor, LatentIndex.load(index_dir(e.info.path, index, e.name)))
                for e in loaded.experts}
-    seq_len = loaded.experts[0].compressor.config.seq_len
-    ids, mask = file_chunks(file, tok, seq_len, max_chunks)
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
     rows = explain_chunks(ids, mask, experts, k=k, tokenizer=tok)
     if as_json:
-        print_json({"file": str(file), "k": k, "chunks": rows})
+        print_json({"file": file, "k": k, "warnings": warnings, "chunks": rows})
         return
     for row in rows:
         table = Table(title=f"chunk {row['chunk']} -> {row['route']}: {row['text'][:70]!r}",

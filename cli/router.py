@@ -319,24 +319,6 @@ def quickstart_cmd(
 # ----------------------------------------------------------------------------- perplexity
 
 
-def _file_chunks(path: Path, tok: Any, seq_len: int, max_chunks: int | None) -> tuple[Any, Any]:
-    """The first ``max_chunks`` chunks (default all) of a text file: ``ids, mask [N, T]``."""
-    import numpy as np
-    import torch
-    from cir.data import iter_text_chunks
-
-    ids_parts, len_parts, n = [], [], 0
-    for ids, lengths in iter_text_chunks(path, tok, seq_len):
-        ids_parts.append(ids)
-        len_parts.append(lengths)
-        n += len(ids)
-        if max_chunks is not None and n >= max_chunks:
-            break
-    ids = torch.from_numpy(np.concatenate(ids_parts)[:max_chunks])  # [N, T]
-    lengths = torch.from_numpy(np.concatenate(len_parts)[:max_chunks])  # [N]
-    return ids, torch.arange(ids.shape[1])[None] < lengths[:, None]
-
-
 def perplexity_cmd(
     target: str = typer.Argument(..., help="An LM checkpoint directory, or with --routed a text file."),
     data: str | None = typer.Option(None, "--data", help="Dataset name or directory (with a checkpoint TARGET)."),
@@ -374,24 +356,20 @@ def perplexity_cmd(
 
 def _routed_perplexity(path: str, registry: Path | None, as_json: bool,
                        max_chunks: int | None) -> None:
-    from contextlib import ExitStack
-
     from cir.router.continual import lm_comparison
     from cir.router.routing import seq_len_of
-    from cir.router.score import FileReport, open_input
+    from cir.router.score import FileReport, read_chunks
 
     reg = _registry(registry)
     experts, tok, _ = _load_experts(reg, as_json)
-    with ExitStack() as stack:
-        opened = open_input(path, stack)
-        if isinstance(opened, FileReport):  # the statuses of `score`
-            if as_json:
-                print_json({"file": path, "status": opened.status, "reason": opened.reason})
-            else:
-                render_report(opened)
-            raise typer.Exit(1)
-        source, _, warnings = opened
-        ids, mask = _file_chunks(source, tok, seq_len_of(experts), max_chunks)
+    got = read_chunks(path, tok, seq_len_of(experts), max_chunks)
+    if isinstance(got, FileReport):  # the statuses of `score`
+        if as_json:
+            print_json({"file": path, "status": got.status, "reason": got.reason})
+        else:
+            render_report(got)
+        raise typer.Exit(1)
+    ids, mask, warnings = got
     out = lm_comparison(experts, ids, mask)
     if as_json:
         print_json({"file": path, "status": "ok", "warnings": warnings, **out})

@@ -208,19 +208,3 @@ def explain_chunks(
 def index_dir(expert_path: str | Path, out: str | Path | None = None, name: str = "") -> Path:
     """Where an expert's latent index lives: ``EXPERT/latent_index`` or ``OUT/NAME``."""
     return Path(out) / name if out is not None else Path(expert_path) / INDEX_DIR
-
-
-def file_chunks(path: str | Path, tokenizer: Any, seq_len: int,
-                max_chunks: int | None = None) -> tuple[Any, Any]:
-    """A text file as chunk tensors ``ids, mask [N, T]`` (the first ``max_chunks``)."""
-    import torch
-    from cir.data import chunk_text
-
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    ids, lengths = chunk_text(text, tokenizer, seq_len)
-    if len(ids) == 0:
-        raise ValueError(f"{path}: no text to explain")
-    ids, lengths = ids[:max_chunks], lengths[:max_chunks]
-    ids_t = torch.from_numpy(ids)  # [N, T]
-    mask = torch.arange(seq_len)[None, :] < torch.from_numpy(lengths.astype("int64"))[:, None]
-    return ids_t, mask

@@ -211,6 +211,38 @@ def open_input(
         return _unreadable(str(path), exc)
 
 
+def read_chunks(
+    path: str | os.PathLike,
+    tokenizer: Any,
+    seq_len: int,
+    max_chunks: int | None = None,
+    stdin: BinaryIO | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]] | FileReport:
+    """The first ``max_chunks`` chunks (default all) of an input as ``ids, mask [N, T]``
+    plus its warnings, or the report of an input with nothing to score, exactly as
+    ``score`` classifies it. Only what those chunks need is read."""
+    from cir.data.chunking import iter_text_chunks
+
+    with ExitStack() as stack:
+        opened = open_input(path, stack, stdin)
+        if isinstance(opened, FileReport):
+            return opened
+        source, _, warnings = opened
+        ids_parts, len_parts, n = [], [], 0
+        try:
+            for ids, lengths in iter_text_chunks(source, tokenizer, seq_len, READ_BYTES):
+                ids_parts.append(ids)
+                len_parts.append(lengths)
+                n += len(ids)
+                if max_chunks is not None and n >= max_chunks:
+                    break
+        except OSError as exc:
+            return _unreadable(str(path), exc)
+    ids = torch.from_numpy(np.concatenate(ids_parts)[:max_chunks])  # [N, T]
+    lengths = torch.from_numpy(np.concatenate(len_parts)[:max_chunks].astype(np.int64))  # [N]
+    return ids, torch.arange(ids.shape[1])[None] < lengths[:, None], warnings
+
+
 def _unreadable(name: str, exc: OSError) -> FileReport:
     return FileReport(name, "error", f"unreadable: {exc.strerror or exc}")
 

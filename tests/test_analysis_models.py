@@ -196,6 +196,41 @@ def test_cli_index_build_and_explain(registry, tmp_path):
     assert shown.exit_code == 0 and f"{nb['source']} (chunk {nb['part'] + 1})" in shown.stdout
 
 
+def test_cli_explain_refuses_what_score_skips(registry, tmp_path):
+    cases = {"binary.bin": b"\x00\x01 not text", "empty.txt": b"", "blank.txt": b" \n\t\n"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    reasons = {"binary.bin": "binary", "empty.txt": "empty", "blank.txt": "whitespace only",
+               "nowhere.txt": "not found", ".": "directory"}
+    for name, reason in reasons.items():
+        res = CliRunner().invoke(app, ["explain", str(tmp_path / name), "--registry",
+                                       str(registry)])
+        assert res.exit_code != 0 and reason in res.output, (name, res.output)
+        assert "Traceback" not in res.output
+
+
+def test_read_chunks_reads_the_first_chunks_as_score_chunks_them(tiny_tokenizer, tmp_path):
+    from cir.data import chunk_text, load_tokenizer
+    from cir.router.score import FileReport, read_chunks
+
+    tok = load_tokenizer(tiny_tokenizer)
+    text = "".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(400))
+    path = tmp_path / "a.py"
+    path.write_text(text)
+    ref_ids, ref_len = chunk_text(text, tok, 16)
+    ids, mask, warnings = read_chunks(path, tok, 16)
+    assert warnings == [] and ids.shape == (len(ref_ids), 16)
+    assert torch.equal(ids, torch.from_numpy(ref_ids))
+    assert mask.sum(1).tolist() == ref_len.tolist()
+    first, _, _ = read_chunks(path, tok, 16, max_chunks=3)
+    assert torch.equal(first, ids[:3])
+    path.write_bytes(b"caf\xe9 " * 20)  # Latin-1: read with a warning
+    assert "not valid UTF-8" in read_chunks(path, tok, 16)[2][0]
+    path.write_bytes(b"")
+    skipped = read_chunks(path, tok, 16)
+    assert isinstance(skipped, FileReport) and skipped.reason == "empty"
+
+
 def test_cli_bench_routing(registry, tiny_corpus):
     out = _json(["bench", "routing", "--registry", str(registry), "--max-train", "30",
                  "--max-test", "10", "--json"])
