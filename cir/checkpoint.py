@@ -160,7 +160,7 @@ def read_config(directory: str | Path) -> tuple[str, Any]:
     try:
         payload = json.loads(path.read_text())
         kind, raw = payload["kind"], payload["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or not UTF-8
         raise CheckpointError(f"{path}: malformed config ({exc})") from None
     cls = model_class(kind)
     try:

@@ -130,6 +130,7 @@ class TrainConfig:
             (self.schedule in ("cosine", "wsd"), "schedule must be cosine or wsd"),
             (self.optimizer in OPTIMIZERS, "optimizer must be adamw or muon"),
             (0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0 (0: no clipping)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -317,14 +318,28 @@ def _save(
     os.replace(state_tmp, out_dir / STATE_FILE)
 
 
+_STATE_KEYS = ("step", "optimizer", "train_config", "torch_rng")
+
+
 def _load_state(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # a torn or foreign file
+        # any failure of a torn or foreign file: RuntimeError, EOFError, KeyError and
+        # pickle.UnpicklingError from the (weights-only) unpickler, ...
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        reason = None
+    except Exception as exc:  # noqa: BLE001 - reported as one line below
+        lines = str(exc).splitlines()
+        reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    if reason is None:
+        missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else []
+        if not isinstance(state, dict) or missing or not isinstance(state["step"], int):
+            reason = "not a training state" + (f" (no {', '.join(missing)})" if missing else "")
+    if reason is not None:
         raise CheckpointError(
-            f"{path}: unreadable training state ({str(exc).splitlines()[0]}); train into "
-            f"another --out, with --init-from {path.parent} to continue from its weights"
-        ) from None
+            f"{path}: unreadable training state ({reason}); train into another --out, "
+            f"with --init-from {path.parent} to continue from its weights"
+        )
+    return state
 
 
 def _consistent_step(out_dir: Path) -> int | None:
@@ -341,7 +356,10 @@ def _consistent_step(out_dir: Path) -> int | None:
         except Exception:  # noqa: BLE001 - a half-written temp file is simply discarded
             state_tmp.unlink(missing_ok=True)
     if not state.is_file():
-        return None
+        raise CheckpointError(
+            f"{out_dir} holds weights (step {w_step}) but no {STATE_FILE}: a saved model, not "
+            f"a run to resume; train into another --out with --init-from {out_dir}"
+        )
     s_step = _load_state(state)["step"]
     if s_step != w_step:
         raise CheckpointError(
@@ -351,7 +369,8 @@ def _consistent_step(out_dir: Path) -> int | None:
 
 
 def _check_resumable(
-    out_dir: Path, model: nn.Module, saved_cfg: dict[str, Any], cfg: TrainConfig
+    out_dir: Path, model: nn.Module, saved_cfg: dict[str, Any], cfg: TrainConfig,
+    step: int = 0,
 ) -> None:
     _, saved_model_cfg = read_config(out_dir)
     if saved_model_cfg != unwrap(model).config:
@@ -367,6 +386,14 @@ def _check_resumable(
             f"{out_dir} holds a run with different training settings ({', '.join(changed)}); "
             "use the same settings to resume, or another --out"
         )
+    # a cosine's rate at every step after warmup depends on `steps`: changing it mid-run
+    # jumps the rate (only a wsd run in its constant phase can be lengthened)
+    if cfg.schedule == "cosine" and saved.get("steps") != cfg.steps and step > cfg.warmup_steps:
+        raise CheckpointError(
+            f"{out_dir} holds a cosine run of {saved.get('steps')} steps, at step {step}: "
+            "changing --steps now would jump its learning rate; use the same --steps (or a "
+            "wsd schedule to lengthen runs)"
+        )
 
 
 def _resume(
@@ -378,9 +405,19 @@ def _resume(
     if step is None:
         return None
     state = _load_state(out_dir / STATE_FILE)
-    _check_resumable(out_dir, model, json.loads(state["train_config"]), cfg)
+    try:
+        saved_cfg = json.loads(state["train_config"])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{out_dir / STATE_FILE}: unreadable training settings") from None
+    _check_resumable(out_dir, model, saved_cfg, cfg, step)
     load_weights(model, out_dir / WEIGHTS_FILE)
-    opt.load_state_dict(state["optimizer"])
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())
+        raise CheckpointError(
+            f"{out_dir / STATE_FILE}: the optimizer state does not fit this model ({reason})"
+        ) from None
     torch.set_rng_state(state["torch_rng"])
     return step, state.get("warm_start")  # absent in runs saved before warm starts
 
@@ -430,15 +467,20 @@ def evaluate(
     n = len(data)
     bs = min(cfg.batch_size, n)
     batches = min(cfg.eval_batches, math.ceil(n / bs))
+    weight = 0.0
     for b in range(batches):
         idx = np.arange(b * bs, min(n, (b + 1) * bs))
         ids, mask = (t.to(device) for t in data.get_batch(idx))
         with autocast_for(device, cfg.precision):
             loss, metrics = loss_fn(model, ids, mask)
+        # a batch's figures are means over its real tokens: weigh them by those (a short
+        # last batch is not worth a full one)
+        w = float(mask.sum())
+        weight += w
         for k, v in {"loss": float(loss.detach()), **_to_float(metrics)}.items():
-            totals[k] = totals.get(k, 0.0) + v / batches
+            totals[k] = totals.get(k, 0.0) + v * w
     model.train(was_training)
-    return {f"val_{k}": v for k, v in totals.items()}
+    return {f"val_{k}": v / max(weight, 1.0) for k, v in totals.items()}
 
 
 @contextmanager
@@ -461,14 +503,17 @@ def _exclusive(out_dir: Path, main: bool) -> Iterator[None]:
 
 def _prepare_out_dir(out_dir: Path, model: nn.Module, tokenizer: str | Path | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / "config.json").is_file():
+    # no weights yet (a run stopped before its first checkpoint): nothing to keep, and a
+    # stale config.json would describe another model than the weights about to be saved
+    fresh = not (out_dir / WEIGHTS_FILE).is_file()
+    if fresh or not (out_dir / "config.json").is_file():
         write_config(out_dir, unwrap(model))
     if tokenizer is None:
         return
     from cir.data.tokenizer import tokenizer_hash
 
     saved = out_dir / TOKENIZER_FILE
-    if not saved.is_file():
+    if fresh or not saved.is_file():
         shutil.copyfile(tokenizer, saved)
     elif tokenizer_hash(saved) != tokenizer_hash(tokenizer):
         raise CheckpointError(
@@ -538,7 +583,8 @@ def train(
                 net = torch.compile(net)  # DDP's bucketed all-reduce wants the module compiled
             else:  # the loss too: its float logits and softmax fuse with the LM head
                 forward = torch.compile(forward)
-        log = _Logger(out_dir / METRICS_FILE, ddp, on_log, cfg, model, device)
+        log = _Logger(out_dir / METRICS_FILE, ddp, on_log, cfg, model, device,
+                      getattr(loss_fn, "loss_fraction", 1.0))
         if warm:  # where the optimizer restarted, for whoever reads the curves
             log.event({"event": "warm_start", "step": start, "init_from": str(init_from)})
         result = TrainResult(out_dir=out_dir, step=start, resumed_from=start)
@@ -554,7 +600,8 @@ def train(
             with autocast_for(device, cfg.precision):
                 loss, metrics = forward(ids, mask)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(  # 0: measure the norm, no clipping
+                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             opt.step()
             opt.zero_grad(set_to_none=True)
             done = step + 1
@@ -567,6 +614,7 @@ def train(
             log.tokens = log.tokens + mask.sum() * ddp.world  # stays on device: no sync per step
             if done % cfg.log_every == 0 or done == end:
                 result.last = log.train(done, loss, metrics, lr, grad_norm)
+            t_pause = time.perf_counter()  # evaluation and checkpoints: not training time
             if val_data is not None and (done % cfg.eval_every == 0 or done == end):
                 result.last_eval = log.eval(done, evaluate(model, loss_fn, val_data, cfg, device))
             if done % cfg.ckpt_every == 0 or done == end:
@@ -575,6 +623,7 @@ def train(
                     log.event({"event": "checkpoint", "step": done})
                 if ddp.world > 1:
                     dist.barrier()
+            log.t0 += time.perf_counter() - t_pause
             result.step = done
             if done >= end:
                 break
@@ -615,13 +664,17 @@ class _Logger:
     """JSONL metrics (rank 0) plus the caller's ``on_log`` callback."""
 
     def __init__(
-        self, path: Path, ddp: _Dist, on_log, cfg: TrainConfig, model: nn.Module, device
+        self, path: Path, ddp: _Dist, on_log, cfg: TrainConfig, model: nn.Module, device,
+        loss_fraction: float = 1.0,
     ) -> None:
         self.path, self.ddp, self.on_log, self.cfg = path, ddp, on_log, cfg
         self.tokens = 0
         self.t0 = time.perf_counter()
         fpt = getattr(unwrap(model), "flops_per_token", None)
-        self.flops_per_token = fpt() if callable(fpt) else None
+        self.flops_per_token = None
+        if callable(fpt):
+            self.flops_per_token = (fpt(loss_fraction=loss_fraction) if loss_fraction != 1.0
+                                    else fpt())
         self.device = device
 
     def event(self, record: dict[str, Any]) -> None:

@@ -327,15 +327,19 @@ class Compressor(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per input token (6N for the matmuls, attention and the head)."""
+    def flops_per_token(self, loss_fraction: float = 1.0) -> float:
+        """Training FLOPs per input token (6N for the matmuls, attention and the head).
+
+        The layers run over ``seq_len + n_latents`` positions, the LM head over the
+        ``loss_fraction`` of the ``seq_len`` positions the loss is taken on
+        (``sampled_loss_fn``)."""
         c = self.config
         d, S = c.d_model, c.seq_len + c.n_latents
         per_layer = 4 * d * d + 2 * d * c.d_ff
         layers = (c.n_enc_layers + c.n_dec_layers) * per_layer
         attn = (c.n_enc_layers + c.n_dec_layers) * 2 * S * d  # QK^T and AV per position
-        head = d * c.vocab_size
-        return 6.0 * (layers + attn + head) * S / c.seq_len
+        head = d * c.vocab_size * loss_fraction
+        return 6.0 * ((layers + attn) * S / c.seq_len + head)
 
 
 def loss_fn(
@@ -380,4 +384,5 @@ def sampled_loss_fn(fraction: float) -> Callable[..., tuple[torch.Tensor, dict[s
             return loss_fn(model, ids, mask)
         return _reconstruction_loss(logits, ids[:, pos], sub_mask)
 
+    fn.loss_fraction = fraction  # type: ignore[attr-defined]  # for the trainer's MFU
     return fn

@@ -302,11 +302,24 @@ class TLinFormer(nn.Module):
         return cache.length - cache.ctx_len == self.config.w_og
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (6 x parameters + attention at ``seq_len``), approximate."""
+        """Training FLOPs per token of a ``seq_len`` chunk (3 x forward, 2 per multiply-add):
+        both streams' matmuls and attention, window by window. Every window after the first
+        recomputes the context stream over all earlier tokens (in each block the compress
+        layer's K/V and, but in the last block, the restore layer's queries, projection and
+        FFN at every context position; the rest at the ``w_oh`` zip positions), which costs
+        more than the generation stream's 6 x parameters on the ``small`` preset."""
         c = self.config
-        n_params = sum(p.numel() for p in self.parameters())
-        windows = max(1, c.seq_len // c.w_og)
-        mean_ctx = c.w_og * (windows - 1) / 2
-        attn = 12 * c.n_blocks * c.n_embd * (c.w_og / 2 + (c.n_hidden + 2) * min(c.w_oh, mean_ctx)
-                                            + mean_ctx)
-        return 6 * n_params + attn
+        T, D, F, H, B = c.seq_len, c.n_embd, c.ffn_hidden, c.n_hidden, c.n_blocks
+        P = 4 * D * D + 3 * D * F  # matmul weights of one Layer
+        macs = pairs = 0.0  # multiply-adds of the matmuls; attention (query, key) pairs
+        for s in range(0, T, c.w_og):
+            g, L = min(c.w_og, T - s), s  # window length, context length
+            z = min(c.w_oh, L)  # context_zip length
+            macs += g * (B * (H + 2) * P + D * c.vocab_size)  # generation stream + head
+            pairs += B * (H + 2) * g * (g + 1) / 2  # causal self-attention in the window
+            if L == 0:
+                continue
+            macs += B * (2 * D * D * L + (H + 1) * P * z) + (B - 1) * (2 * D * D + 3 * D * F) * L
+            pairs += B * ((L * g if self.compress_cross else 0) + (H + 1) * g * z)  # cross
+            pairs += B * (z * L + H * z * z) + (B - 1) * L * z  # context stream
+        return (6 * macs + 12 * D * pairs) / T

@@ -81,13 +81,15 @@ def train_expert(
         if isinstance(value, int):
             fields[name] = value
     fields.update(overrides or {})
+    cfg = train_cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)  # the initialisation is a function of the run's seed
     model = build_model(arch, preset, **fields)
     return train(
         model,
         lm_loss,
         train_data,
         out_dir,
-        train_cfg or TrainConfig(),
+        cfg,
         val_data=_open_val(data, val_data),
         tokenizer=_tokenizer_of(train_data, tokenizer),
         on_log=on_log,
