@@ -55,6 +55,8 @@ from cir.checkpoint import (
 from cir.optim import BatchedMuon, MuonAdamW, muon_parameters
 
 STATE_FILE = "train_state.pt"
+# a loss function's metric: how many targets its mean is over (popped, not logged)
+N_TARGETS = "n_targets"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".train.lock"  # held by the run writing the directory
 # Fields that may change when a run is resumed: bookkeeping, and where the schedule ends
@@ -456,6 +458,17 @@ def _to_float(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach().float().item()) for k, v in metrics.items()}
 
 
+def _global_mean(loss: torch.Tensor, n: torch.Tensor | None, ddp: _Dist) -> torch.Tensor:
+    """The loss to differentiate: on several ranks, this rank's mean over its ``n`` targets
+    reweighted so that DDP's average of the ranks' gradients is the gradient of the mean
+    over every rank's targets (padding leaves ranks with different numbers of them)."""
+    if ddp.world == 1 or n is None:
+        return loss
+    total = n.detach().to(torch.float64).clone()
+    dist.all_reduce(total)
+    return loss * (n.to(torch.float64) * ddp.world / total.clamp_min(1.0)).to(loss.dtype)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loss_fn: LossFn, data: ChunkData, cfg: TrainConfig, device: torch.device
@@ -475,7 +488,7 @@ def evaluate(
             loss, metrics = loss_fn(model, ids, mask)
         # a batch's figures are means over its real tokens: weigh them by those (a short
         # last batch is not worth a full one)
-        w = float(mask.sum())
+        w = float(metrics.pop(N_TARGETS, mask.sum()))
         weight += w
         for k, v in {"loss": float(loss.detach()), **_to_float(metrics)}.items():
             totals[k] = totals.get(k, 0.0) + v * w
@@ -599,7 +612,7 @@ def train(
             ids, mask = (t.to(device, non_blocking=True) for t in train_data.get_batch(idx))
             with autocast_for(device, cfg.precision):
                 loss, metrics = forward(ids, mask)
-            loss.backward()
+            _global_mean(loss, metrics.pop(N_TARGETS, None), ddp).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(  # 0: measure the norm, no clipping
                 model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             opt.step()

@@ -357,7 +357,7 @@ def _reconstruction_loss(
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
     with torch.no_grad():
         tra = ((logits.argmax(-1) == ids) & mask).sum() / mask.sum()  # no dynamic shapes
-    return loss, {"tra": tra}
+    return loss, {"tra": tra, "n_targets": mask.sum()}
 
 
 def sampled_loss_fn(fraction: float) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:

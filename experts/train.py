@@ -23,7 +23,7 @@ def lm_loss(
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
     real = mask[:, 1:]
     acc = ((logits.argmax(-1) == ids[:, 1:]) & real).sum() / real.sum()  # no dynamic shapes
-    return loss, {"acc": acc}
+    return loss, {"acc": acc, "n_targets": real.sum()}
 
 
 def _open(data: Any, split: str):

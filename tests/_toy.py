@@ -37,18 +37,23 @@ def toy_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
     target = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100)
     acc = (logits.argmax(-1) == ids[:, 1:])[mask[:, 1:]].float().mean()
-    return loss, {"acc": acc}
+    return loss, {"acc": acc, "n_targets": mask[:, 1:].sum()}
 
 
 class ArrayChunks:
-    def __init__(self, n: int = 64, seq_len: int = 12, vocab: int = 32, seed: int = 0) -> None:
+    """``padded``: chunk i keeps its first 2 + i % (seq_len - 1) tokens, the rest is padding."""
+
+    def __init__(self, n: int = 64, seq_len: int = 12, vocab: int = 32, seed: int = 0,
+                 padded: bool = False) -> None:
         rng = np.random.default_rng(seed)
         start = rng.integers(0, vocab, size=(n, 1))
         self.ids = (start + np.arange(seq_len)) % vocab  # learnable: next = current + 1
+        lengths = 2 + np.arange(n) % (seq_len - 1) if padded else np.full(n, seq_len)
+        self.mask = np.arange(seq_len)[None] < lengths[:, None]  # [n, seq_len]
+        self.ids[~self.mask] = 0
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def get_batch(self, idx):
-        ids = torch.as_tensor(self.ids[idx], dtype=torch.long)
-        return ids, torch.ones_like(ids, dtype=torch.bool)
+        return torch.as_tensor(self.ids[idx], dtype=torch.long), torch.as_tensor(self.mask[idx])

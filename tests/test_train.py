@@ -212,21 +212,25 @@ _DDP_SCRIPT = textwrap.dedent(
     checkpoint.MODEL_KINDS["toy"] = "_toy:Toy"
     torch.manual_seed(0)
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, warmup_steps=2, ckpt_every=3, seed=1)
-    train(Toy(ToyConfig()), toy_loss, ArrayChunks(), sys.argv[1], cfg)
+    train(Toy(ToyConfig()), toy_loss, ArrayChunks(padded=sys.argv[2] == "padded"), sys.argv[1], cfg)
     """
 )
 
 
-def test_ddp_gloo_two_processes_matches_single(tmp_path):
+@pytest.mark.parametrize("data", ["full", "padded"])
+def test_ddp_gloo_two_processes_matches_single(tmp_path, data):
+    """Padded chunks leave the ranks different numbers of real tokens: the gradient is
+    still that of the mean over all of them, as on one process."""
     script = tmp_path / "run.py"
     script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), data], check=True,
+                   env=env)
     # --standalone: the rendezvous store binds a port the OS picks and keeps it (a port
     # found free beforehand could be taken by another process before the launcher binds it)
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(tmp_path / "two")],
+         str(script), str(tmp_path / "two"), data],
         env=env, capture_output=True, text=True,
     )
     assert two.returncode == 0, two.stderr[-3000:]
