@@ -63,12 +63,13 @@ def chunk_text(text: str, tokenizer: Tokenizer, seq_len: int = DEFAULT_SEQ_LEN) 
 
 # Under the byte-level BPE pre-tokeniser a whitespace run W before a visible character c
 # splits as W[:-1] | W[-1]c (or W[-1] | c), so cutting just before W[-1] tokenises both
-# pieces exactly as the whole text. We cut only in runs holding a newline.
-_SAFE_CUT = re.compile(r"\n[ \t\r\f\v\n]*(?=[!-~])")
+# pieces exactly as the whole text. Any such run will do, not only one holding a newline:
+# a long single-line file (minified code, JSON lines) must still be encoded piecewise.
+_SAFE_CUT = re.compile(r"[ \t\r\f\v\n](?=[!-~])")
 
 
 def _cut_point(text: str, force: bool) -> int:
-    """Where to cut: after the last safe newline; 0 (wait for more text) when there is none.
+    """Where to cut: at the last safe whitespace; 0 (wait for more text) when there is none.
 
     With ``force`` (the carried text grew too long) fall back to the last newline, or to the
     end: tokens may then differ slightly at that one boundary, memory stays bounded.
@@ -85,7 +86,7 @@ def _cut_point(text: str, force: bool) -> int:
 
 
 def _text_pieces(path: str | os.PathLike, max_bytes_per_read: int) -> Iterator[str]:
-    """The file as text pieces of about ``max_bytes_per_read`` bytes, cut at safe newlines."""
+    """The file as text pieces of about ``max_bytes_per_read`` bytes, cut at safe whitespace."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     carry = ""
     with open(path, "rb") as f:
@@ -124,10 +125,10 @@ def iter_text_chunks(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream a file of any size as chunk arrays ``(ids int64 [n, T], lengths int32 [n])``.
 
-    Memory stays within a few ``max_bytes_per_read``. Pieces are cut at newlines before a
+    Memory stays within a few ``max_bytes_per_read``. Pieces are cut at whitespace before a
     visible character, so the concatenation of everything yielded equals
-    ``chunk_text(whole file)`` (invalid UTF-8 is replaced by U+FFFD) unless no such newline
-    occurs within 4 reads.
+    ``chunk_text(whole file)`` (invalid UTF-8 is replaced by U+FFFD) unless no such
+    whitespace occurs within 4 reads.
     """
     if max_bytes_per_read < 1:
         raise ValueError("max_bytes_per_read must be >= 1")

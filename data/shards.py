@@ -166,11 +166,13 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 
 def _train_texts(
-    source: Any, strict: bool, max_bytes: int, max_file_bytes: int, on_progress: ProgressFn | None
+    source: Any, strict: bool, max_bytes: int, max_file_bytes: int, on_progress: ProgressFn | None,
+    exclude: tuple[Path, ...] = (),
 ) -> Iterator[str]:
     """Texts of the train split, up to ``max_bytes``, for training the tokenizer."""
     total = documents = 0
-    for doc in _dedup(iter_documents(source, SkipStats(), strict, max_file_bytes), SkipStats()):
+    docs = iter_documents(source, SkipStats(), strict, max_file_bytes, exclude=exclude)
+    for doc in _dedup(docs, SkipStats()):
         if split_of(doc.id) != "train":
             continue
         yield doc.text
@@ -185,12 +187,13 @@ def _train_texts(
 def _resolve_tokenizer(
     tmp: Path, source: Any, tokenizer: str | os.PathLike | None, vocab_size: int,
     max_tokens: int | None, strict: bool, max_file_bytes: int, on_progress: ProgressFn | None,
+    exclude: tuple[Path, ...] = (),
 ) -> Tokenizer:
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     else:
         cap = TOKENIZER_TRAIN_BYTES if max_tokens is None else min(TOKENIZER_TRAIN_BYTES, TRAIN_BYTES_PER_TOKEN * max_tokens)
-        texts = _train_texts(source, strict, cap, max_file_bytes, on_progress)
+        texts = _train_texts(source, strict, cap, max_file_bytes, on_progress, exclude)
         tok = train_tokenizer(texts, vocab_size)
     save_tokenizer(tok, tmp / "tokenizer.json")
     return tok
@@ -254,7 +257,7 @@ def build_dataset(
     try:
         manifest = _build_into(
             tmp, out.name, source, tokenizer, vocab_size, seq_len, max_tokens, pack, strict,
-            max_file_bytes, on_progress,
+            max_file_bytes, on_progress, exclude=(tmp, out),
         )
         _replace_dir(tmp, out, overwrite)
     except BaseException:
@@ -266,16 +269,18 @@ def build_dataset(
 def _build_into(
     tmp: Path, name: str, source: Any, tokenizer: Any, vocab_size: int, seq_len: int,
     max_tokens: int | None, pack: bool, strict: bool, max_file_bytes: int,
-    on_progress: ProgressFn | None,
+    on_progress: ProgressFn | None, exclude: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
+    # the build's own folders (in progress, and the dataset it replaces) may sit inside a
+    # source folder: never read them as documents
     tok = _resolve_tokenizer(
-        tmp, source, tokenizer, vocab_size, max_tokens, strict, max_file_bytes, on_progress
+        tmp, source, tokenizer, vocab_size, max_tokens, strict, max_file_bytes, on_progress, exclude
     )
     vocab = tok.get_vocab_size()
     dtype = ids_dtype(vocab)
     stats = SkipStats()
     writers = {s: SplitWriter(tmp, s, seq_len, dtype, pack) for s in SPLITS}
-    docs = _dedup(iter_documents(source, stats, strict, max_file_bytes), stats)
+    docs = _dedup(iter_documents(source, stats, strict, max_file_bytes, exclude=exclude), stats)
     try:
         truncated = _encode_all(tok, docs, writers, max_tokens, on_progress)
     finally:

@@ -91,6 +91,7 @@ class ReadOptions:
     stats: SkipStats
     strict: bool = False
     max_bytes: int = DEFAULT_MAX_FILE_BYTES
+    exclude: tuple[str, ...] = ()  # real paths of folders never read (a build's own output)
 
 
 # --------------------------------------------------------------------------- reading files
@@ -163,15 +164,25 @@ class FileSet:
     follow_links: bool = False
 
 
-def _walk(fs: FileSet) -> Iterator[Path]:
+def _walk(fs: FileSet, opts: ReadOptions) -> Iterator[Path]:
     if fs.files is not None:
         yield from fs.files
         return
-    for dirpath, dirnames, filenames in os.walk(fs.root):
+
+    def unreadable(exc: OSError) -> None:
+        _reject(opts, "unreadable", str(exc.filename), exc.strerror or type(exc).__name__)
+
+    for dirpath, dirnames, filenames in os.walk(fs.root, onerror=unreadable):
         here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in fs.skip_dirs and not (here / d).is_symlink()
-        )
+        kept = []
+        for d in sorted(dirnames):
+            if d in fs.skip_dirs:
+                continue
+            if (here / d).is_symlink():  # not followed: counted by the caller as a symlink
+                yield here / d
+            else:
+                kept.append(d)
+        dirnames[:] = kept
         for name in filenames:
             path = here / name
             if fs.accept(path):
@@ -193,10 +204,11 @@ def _listing(source: str, filesets: Iterable[FileSet], opts: ReadOptions) -> lis
     symlinks not followed are counted in ``opts.stats``."""
     seen: set[str] = set()
     items: list[tuple[str, Path]] = []
+    excluded = tuple(os.path.join(e, "") for e in opts.exclude)
     for fs in filesets:
         if not fs.root.is_dir():
             continue
-        for path in _walk(fs):
+        for path in _walk(fs, opts):
             if path.is_symlink() and not fs.follow_links:
                 link = os.path.join(os.path.realpath(path.parent), path.name)
                 if link not in seen:
@@ -204,7 +216,7 @@ def _listing(source: str, filesets: Iterable[FileSet], opts: ReadOptions) -> lis
                     opts.stats.add(_link_reason(path), str(path))
                 continue
             real = os.path.realpath(path)
-            if real in seen:
+            if real in seen or real.startswith(excluded):
                 continue
             seen.add(real)
             rel = path.relative_to(fs.root).as_posix()
@@ -261,11 +273,25 @@ def path_documents(spec: str | os.PathLike | list, opts: ReadOptions) -> Iterato
 
 
 def _glob_filesets(pattern: str) -> list[FileSet]:
+    """Files matching ``pattern``, with ids relative to its fixed leading folders (``src`` of
+    ``src/**/*.py``), so a document's id and split do not depend on which other files match.
+    ``**`` does not enter symlinked folders (no loop, nothing outside the tree), and hidden
+    names match only a pattern with a part starting with ``.``, as with ``glob.glob``."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:first]) if first else Path(".")
+    rest = list(parts[first:])
+    if rest[-1] == "**":  # glob.glob's "a/**" lists files too, pathlib's only folders
+        rest.append("*")
+    hidden_ok = any(part.startswith(".") for part in rest)
     # everything but folders: symlinks and FIFOs are counted when read, not dropped unseen
-    matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if not Path(m).is_dir())
+    matches = sorted(
+        m for m in root.glob(str(Path(*rest)))
+        if not m.is_dir()
+        and (hidden_ok or not any(c.startswith(".") for c in m.relative_to(root).parts))
+    )
     if not matches:
         raise UnknownSourceError(f"glob matches no file: {pattern}")
-    root = Path(os.path.commonpath([m.parent for m in matches]))
     return [FileSet(root, "", files=tuple(matches))]
 
 
@@ -531,9 +557,12 @@ def iter_documents(
     stats: SkipStats | None = None,
     strict: bool = False,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    exclude: Iterable[str | os.PathLike] = (),
 ) -> Iterator[Document]:
-    """Stream the documents of ``spec``; skipped files are counted in ``stats``."""
-    opts = ReadOptions(stats if stats is not None else SkipStats(), strict, max_file_bytes)
+    """Stream the documents of ``spec``; skipped files are counted in ``stats``; files under
+    an ``exclude`` folder (a build's output) are never read."""
+    opts = ReadOptions(stats if stats is not None else SkipStats(), strict, max_file_bytes,
+                       tuple(os.path.realpath(e) for e in exclude))
     if isinstance(spec, str) and spec in DATASET_ONLY:
         raise UnknownSourceError(
             f"'{spec}' has no text: it is a dataset, open it with open_dataset('{spec}', split)"
