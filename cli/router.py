@@ -124,6 +124,8 @@ def score_cmd(
         check_temperature(temperature)
     except ValueError as exc:
         fail(f"--{exc}")
+    if batch_size is not None and batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {batch_size}")
     reg = _registry(registry)
     experts, tok, errors = _load_experts(reg, as_json)
     on_file = None if as_json else (lambda rep: render_report(rep, per_chunk))

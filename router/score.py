@@ -112,10 +112,11 @@ def sniff(blocks: Iterable[bytes]) -> _Sniff:
             info.binary = True
             return info
         if info.bad_utf8_at is None:
+            carried = len(strict.getstate()[0])  # a character's first bytes from the last block
             try:
                 text = strict.decode(block)
             except UnicodeDecodeError as exc:
-                info.bad_utf8_at = info.n_bytes + exc.start
+                info.bad_utf8_at = info.n_bytes - carried + exc.start
                 text = loose.decode(block)
         else:
             text = loose.decode(block)

@@ -145,6 +145,15 @@ def test_score_rejects_non_finite_temperature(tiny_tokenizer, tmp_path, value):
         _one_line_error(res, "--temperature must be > 0 and finite")
 
 
+def test_score_rejects_a_batch_size_below_one_before_reading_files(tiny_tokenizer, tmp_path):
+    reg = registry_with(["code"], tiny_tokenizer, tmp_path)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n")  # no file reaches the routing, where the size was checked
+    res = CliRunner().invoke(app, ["score", str(blank), "--registry", str(reg.root),
+                                   "--batch-size", "0"])
+    _one_line_error(res, "--batch-size must be >= 1, got 0")
+
+
 # ----------------------------------------------------------------- resume, failed mounts
 
 

@@ -177,6 +177,10 @@ def test_stdin_and_sniff(tok):
     info = sniff([b"ab", b"\xc3", b"\xa9"])  # a character split across reads is valid
     assert info.bad_utf8_at is None and info.n_bytes == 4
     assert sniff([b"ab\xc3"]).bad_utf8_at == 2
+    # the offset counts from the file's start, also when a character began in the last read
+    for blocks in ([b"ab\xc3", b"\xa9\xff"], [b"ab\xc3\xa9\xff"], [b"a", b"b\xc3", b"\xa9", b"\xff"]):
+        assert sniff(blocks).bad_utf8_at == 4, blocks
+    assert sniff([b"ab\xe2\x82", b"x"]).bad_utf8_at == 2  # a character cut short
 
 
 def test_one_bad_file_does_not_stop_the_others(tmp_path, tok):
