@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from cir.cli.common import (
     progress,
     term_as_interrupt,
 )
+from rich.markup import escape
 from rich.table import Table
 
 data_app = typer.Typer(
@@ -57,7 +59,7 @@ def build_cmd(
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per chunk."),
     pack: bool = typer.Option(False, "--pack", help="Concatenate documents with EOS (LM training) instead of per-document chunks."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first unreadable, binary or non-UTF-8 file instead of skipping it."),
-    max_file_mb: float = typer.Option(8.0, "--max-file-mb", help="Skip files larger than this."),
+    max_file_mb: float = typer.Option(8.0, "--max-file-mb", help="Skip files larger than this many MiB (> 0)."),
     out: Path | None = typer.Option(None, "--out", help="Dataset directory (default: $CIR_HOME/datasets/NAME)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -73,24 +75,38 @@ def build_cmd(
     _check_name(name)
     if max_tokens is not None and max_tokens < 1:
         fail(f"--max-tokens must be >= 1, got {max_tokens}")
+    if not (math.isfinite(max_file_mb) and max_file_mb > 0):  # nan passes every comparison
+        fail(f"--max-file-mb must be > 0 and finite, got {max_file_mb}")
     target = out if out is not None else datasets_dir() / name
     with term_as_interrupt(), progress(disable=as_json) as bar:
         task = bar.add_task("reading", total=None, info="")
         manifest = build_dataset(
             target, source, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq_len,
             max_tokens=max_tokens, pack=pack, strict=strict, max_file_bytes=int(max_file_mb * 2**20),
-            overwrite=overwrite, on_progress=_progress_callback(bar, task, max_tokens),
+            overwrite=overwrite, on_progress=_progress_callback(bar, task, max_tokens), name=name,
         )
     if as_json:
         print_json({**manifest, "path": str(target)})
-        return
-    _render_info(_summary(target))
+    else:
+        _render_info(_summary(target))
+    _print_problems(manifest)
 
 
 def _summary(name_or_path: str | Path) -> dict[str, Any]:
     from cir.data.shards import dataset_summary
 
     return dataset_summary(name_or_path)
+
+
+def _print_problems(info: dict[str, Any]) -> bool:
+    """Warnings and damaged shard files on stderr, so they show under --json too; True
+    when a shard is damaged."""
+    for warning in info.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    for problem in info.get("damaged", []):
+        err_console.print(f"[bold red]damaged:[/] {escape(problem)}; rebuild the dataset "
+                          "(route-cli data build ... --overwrite)", highlight=False, soft_wrap=True)
+    return bool(info.get("damaged"))
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -132,13 +148,18 @@ def info_cmd(
 ) -> None:
     """Documents, tokens and chunks per split, skipped files and why, bytes per token.
 
+    Shard files that do not match the manifest (deleted, truncated) are listed as damaged
+    on stderr, after the figures, and the exit code is then 1.
+
     Example: route-cli data info pycode --json
     """
     info = _summary(name)
     if as_json:
         print_json(info)
-        return
-    _render_info(info)
+    else:
+        _render_info(info)
+    if _print_problems(info):
+        raise typer.Exit(1)
 
 
 @data_app.command("sources")

@@ -4,7 +4,10 @@ Rows are streamed (``streaming=True``), so a token budget stops the download ear
 Options after ``?``: ``data_files=<path or glob>`` (for the local ``text`` / ``json`` /
 ``csv`` / ``parquet`` builders; several with ``,``), ``column=<name>`` (default: ``text``, or
 the first string column), ``streaming=0``. Ids are ``hf:<dataset>/<split>/<row id>`` with
-the row's ``id`` field when it has one, else its index.
+the row's ``id`` field when it has one (not null), else its index; an id seen before gets
+``#<index>`` appended, since the split is a hash of the id and a constant ``id`` column
+would otherwise put every row in one split. A row whose column holds no text is skipped as
+``empty`` (blank or null) or ``not-text`` (a number, a list, ...).
 
 Offline, a Hub dataset fails at once with one line: the Hub's host is looked up first,
 and the libraries' retry warnings are silenced while loading and while streaming rows.
@@ -70,6 +73,17 @@ def _text_column(row: dict[str, Any], wanted: str | None) -> str:
     raise UnknownSourceError(f"no string column in the dataset; columns: {', '.join(row)}")
 
 
+def _unique_id(row: dict[str, Any], index: int, seen: set[str]) -> str:
+    """The row's id, made unique with its index when an earlier row had it (``seen`` is
+    updated): one document, one id, one split."""
+    row_id = row.get("id")
+    key = str(index if row_id is None else row_id)
+    while key in seen:  # a loop only for ids that themselves look like "x#index"
+        key = f"{key}#{index}"
+    seen.add(key)
+    return key
+
+
 def _check_hub_reachable(spec: HFSpec) -> None:
     """ConnectionError naming the dataset when the Hub's host does not resolve, at once
     instead of after ~25 s of retries. Not for local builders (``data_files``) or folders,
@@ -116,16 +130,19 @@ def _load(spec: HFSpec) -> Any:
 def hf_documents(spec_text: str, opts: ReadOptions) -> Iterator[Document]:
     spec = parse_hf_spec(spec_text)
     column = None
+    seen: set[str] = set()
     prefix = f"hf:{spec.dataset}{'/' + spec.config if spec.config else ''}/{spec.split}"
     # quiet for the whole read, not only `load_dataset`: a streamed dataset opens and reads
     # its files as rows are taken (the levels come back when the read ends or is dropped)
     with _quiet_hub_logs():
         for index, row in enumerate(_load(spec)):
             column = column or _text_column(row, spec.column)
-            row_id = row.get("id", index)
-            where = f"{prefix}/{row_id}"
+            where = f"{prefix}/{_unique_id(row, index, seen)}"
             text = row.get(column)
-            if not isinstance(text, str) or not text.strip():
+            if text is not None and not isinstance(text, str):
+                _reject(opts, "not-text", where, f"column '{column}' holds {type(text).__name__}, not text")
+                continue
+            if text is None or not text.strip():
                 _reject(opts, "empty", where)
                 continue
             yield Document(where, text, f"hf:{spec.dataset}")

@@ -3,7 +3,8 @@
 A dataset is a directory::
 
     manifest.json     name, source, seq_len, vocab_size, dtype, tokenizer sha256,
-                      per split: documents, tokens, chunks, bytes; skipped files by reason
+                      per split: documents, tokens, chunks, bytes; skipped files by reason;
+                      warnings (e.g. an empty val or test split)
     tokenizer.json    the tokenizer the ids come from
     <split>.bin       uint16 (uint32 for vocabularies over 65536) ids, [N, seq_len], row-major
     <split>.len       int32 real tokens per chunk, [N] (padding is at the tail)
@@ -238,13 +239,15 @@ def build_dataset(
     max_file_bytes: int = 8 * 2**20,
     overwrite: bool = False,
     on_progress: ProgressFn | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Build a chunk dataset from ``source`` into ``out_dir``; returns its manifest.
 
     ``tokenizer`` is a tokenizer.json path; without one a byte-level BPE of ``vocab_size``
     is trained on the train split. ``max_tokens`` stops once the train split has that many
-    tokens. ``overwrite`` replaces a dataset or an empty folder, nothing else. See the
-    module docstring for the layout.
+    tokens. ``overwrite`` replaces a dataset or an empty folder, nothing else. ``name`` is
+    the manifest's name (default: ``out_dir``'s folder name). See the module docstring for
+    the layout.
     """
     out = Path(out_dir)
     if seq_len < 2:
@@ -256,7 +259,7 @@ def build_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         manifest = _build_into(
-            tmp, out.name, source, tokenizer, vocab_size, seq_len, max_tokens, pack, strict,
+            tmp, name or out.name, source, tokenizer, vocab_size, seq_len, max_tokens, pack, strict,
             max_file_bytes, on_progress, exclude=(tmp, out),
         )
         _replace_dir(tmp, out, overwrite)
@@ -300,10 +303,22 @@ def _build_into(
         "truncated": truncated,
         "splits": splits,
         "skipped": stats.to_dict(),
+        "warnings": _split_warnings(splits),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _split_warnings(splits: dict[str, dict[str, int]]) -> list[str]:
+    """An empty val or test split builds (train is what a build must have), but every
+    held-out figure of it would be missing: say so rather than build it silently."""
+    total = sum(s["documents"] for s in splits.values())
+    return [
+        f"the {split} split has no documents ({total} in all; about 5% of them go to each of "
+        "val and test): held-out figures will be missing; use a larger source"
+        for split in ("val", "test") if splits[split]["documents"] == 0
+    ]
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
@@ -334,6 +349,75 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 # --------------------------------------------------------------------------- reading
+
+MANIFEST_KEYS = ("name", "source", "seq_len", "vocab_size", "dtype", "pack", "tokenizer_sha256",
+                 "truncated", "splits", "skipped", "created_at")
+SPLIT_FIELDS = ("documents", "tokens", "chunks", "bytes")
+ID_DTYPES = ("uint16", "uint32")
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """``root/manifest.json``, checked: ValueError naming the file when it is not JSON, not
+    of this format or not the shape a build writes (a torn or hand-edited manifest)."""
+    path = Path(root) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ValueError(f"{path}: not a dataset manifest ({e}); rebuild the dataset") from None
+    if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: dataset format {manifest.get('format_version')} != {FORMAT_VERSION}, rebuild it")
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise ValueError(f"{path}: not a dataset manifest ({problem}); rebuild the dataset")
+    return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What the readers would trip on in ``manifest``, or None."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if not all(_is_count(manifest[key]) and manifest[key] > 0 for key in ("seq_len", "vocab_size")):
+        return "seq_len and vocab_size must be positive integers"
+    if manifest["dtype"] not in ID_DTYPES:
+        return f"dtype {manifest['dtype']!r} is not one of {', '.join(ID_DTYPES)}"
+    if not isinstance(manifest["skipped"], dict) or not isinstance(manifest["skipped"].get("counts"), dict):
+        return "skipped has no counts"
+    return _splits_problem(manifest["splits"])
+
+
+def _splits_problem(splits: Any) -> str | None:
+    """What is missing from ``splits`` (each of train, val, test with its counts), or None."""
+    for split in SPLITS:
+        stats = splits.get(split) if isinstance(splits, dict) else None
+        if stats is None:
+            return f"no splits.{split}"
+        if not isinstance(stats, dict) or not all(_is_count(stats.get(f)) for f in SPLIT_FIELDS):
+            return f"splits.{split} must hold {', '.join(SPLIT_FIELDS)} as integers"
+    return None
+
+
+def shard_problems(root: str | os.PathLike, split: str, manifest: dict[str, Any]) -> list[str]:
+    """``"<path>: what is wrong"`` for each of the split's shard files whose size is not
+    what ``manifest`` says (deleted, truncated, or another build's); empty when they fit."""
+    chunks = manifest["splits"][split]["chunks"]
+    row_bytes = manifest["seq_len"] * np.dtype(manifest["dtype"]).itemsize
+    expected = {f"{split}.bin": chunks * row_bytes, f"{split}.len": chunks * np.dtype(np.int32).itemsize}
+    problems = []
+    for file_name, size in expected.items():
+        path = Path(root) / file_name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual is None:
+            problems.append(f"{path}: missing")
+        elif actual != size:
+            problems.append(f"{path}: {actual} bytes, manifest says {size}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -394,24 +478,19 @@ class ChunkDataset:
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
         self.split = split
-        self.manifest: dict[str, Any] = json.loads((self.root / "manifest.json").read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{self.root}: dataset format {self.manifest.get('format_version')} != {FORMAT_VERSION}, rebuild it")
-        self.seq_len: int = int(self.manifest["seq_len"])
-        self.vocab_size: int = int(self.manifest["vocab_size"])
-        n = int(self.manifest["splits"][split]["chunks"])
+        self.manifest: dict[str, Any] = read_manifest(self.root)
+        self.seq_len: int = self.manifest["seq_len"]
+        self.vocab_size: int = self.manifest["vocab_size"]
+        problems = shard_problems(self.root, split, self.manifest)
+        if problems:
+            raise ValueError(f"{problems[0]}; rebuild the dataset")
+        n = self.manifest["splits"][split]["chunks"]
         dtype = np.dtype(self.manifest["dtype"])
-        bin_path = self.root / f"{split}.bin"
-        expected = n * self.seq_len * dtype.itemsize
-        if bin_path.stat().st_size != expected:
-            raise ValueError(f"{bin_path}: {bin_path.stat().st_size} bytes, manifest says {expected}")
         if n:
-            self.ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n, self.seq_len))  # [N, T]
+            self.ids = np.memmap(self.root / f"{split}.bin", dtype=dtype, mode="r", shape=(n, self.seq_len))  # [N, T]
         else:
             self.ids = np.zeros((0, self.seq_len), dtype=dtype)
         self.lengths = np.fromfile(self.root / f"{split}.len", dtype=np.int32)  # [N]
-        if len(self.lengths) != n:
-            raise ValueError(f"{self.root}/{split}.len: {len(self.lengths)} entries, expected {n}")
 
     @property
     def tokenizer_path(self) -> Path:
@@ -591,10 +670,15 @@ def list_datasets() -> list[str]:
 
 
 def dataset_summary(name_or_path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest plus derived figures: bytes per token per split and over val+test."""
+    """The manifest plus derived figures: bytes per token per split and over val+test;
+    ``damaged`` lists shard files that do not match the manifest (empty when all do), since
+    the figures describe what was built, not what is still on disk."""
     root = resolve_dataset(name_or_path)
-    manifest = json.loads((root / "manifest.json").read_text())
+    manifest = read_manifest(root)
+    manifest["damaged"] = [p for s in SPLITS for p in shard_problems(root, s, manifest)]
+    manifest.setdefault("warnings", [])  # manifests from before warnings were recorded
     seq_len = manifest["seq_len"]
+    manifest["splits"] = {s: manifest["splits"][s] for s in SPLITS}  # only the checked ones
     for stats in manifest["splits"].values():
         stats["bytes_per_token"] = stats["bytes"] / stats["tokens"] if stats["tokens"] else None
         slots = stats["chunks"] * seq_len

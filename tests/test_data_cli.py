@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 from cir.cli.main import app
 from cir.data.shards import open_dataset
 from typer.testing import CliRunner
@@ -100,3 +102,56 @@ def test_help_has_examples():
     for command in ("build", "info", "show", "sources", "list"):
         result = _invoke(command, "--help")
         assert result.exit_code == 0 and "Example: route-cli data" in result.stdout
+
+
+def test_info_lists_damaged_shards_and_exits_1(tiny_dataset):
+    root = shutil.copytree(tiny_dataset, datasets_dir() / "broken")
+    assert _invoke("info", "broken").exit_code == 0
+    (root / "val.bin").unlink()
+    result = _invoke("info", "broken")
+    assert result.exit_code == 1, result.output
+    assert "held-out" in result.stdout  # the figures still show
+    assert "damaged:" in result.stderr and "val.bin: missing; rebuild the dataset" in result.stderr
+    result = _invoke("info", "broken", "--json")
+    assert result.exit_code == 1 and json.loads(result.stdout)["damaged"] == [f"{root / 'val.bin'}: missing"]
+
+
+def test_info_names_a_broken_manifest(tiny_dataset):
+    root = shutil.copytree(tiny_dataset, datasets_dir() / "torn")
+    text = (root / "manifest.json").read_text()
+    (root / "manifest.json").write_text(text[:100])
+    for command in ("info", "show"):
+        result = _invoke(command, "torn")
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert "manifest.json: not a dataset manifest" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "rebuild" in result.stderr
+
+
+def test_build_warns_of_empty_held_out_splits_and_keeps_its_name(tmp_path, tiny_tokenizer):
+    src = tmp_path / "one"
+    src.mkdir()
+    (src / "a.txt").write_text("a single small document, hashed into train\n")
+    out = tmp_path / "other" / "place"
+    result = _invoke("build", "mine", "--source", str(src), "--tokenizer", str(tiny_tokenizer),
+                     "--seq-len", "16", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["name"] == "mine" and len(manifest["warnings"]) == 2
+    assert "warning:" in result.stderr and "val split has no documents" in result.stderr
+    assert "test split has no documents" in result.stderr
+    table = _invoke("info", str(out))
+    assert table.exit_code == 0 and table.stdout.startswith("mine ")
+    assert "val split has no documents" in table.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0"])
+def test_max_file_mb_must_be_positive_and_finite(tmp_path, tiny_tokenizer, value):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("some text\n")
+    result = _invoke("build", "sized", "--source", str(src), "--tokenizer", str(tiny_tokenizer),
+                     f"--max-file-mb={value}")
+    assert result.exit_code == 2, result.output
+    assert "--max-file-mb must be > 0 and finite" in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (datasets_dir() / "sized").exists()

@@ -326,3 +326,89 @@ def test_concat_chunks_joins_datasets_end_to_end(tiny_dataset, tiny_prose_datase
     build_dataset(tmp_path / "short", str(tiny_corpus / "prose"), tokenizer=tiny_tokenizer, seq_len=32)
     with pytest.raises(ValueError, match=r"cannot join .*short:train \(seq_len 32"):
         ConcatChunks([a, open_dataset(tmp_path / "short", "train")])
+
+
+def _copy(dataset, tmp_path, name="ds"):
+    return shutil.copytree(dataset, tmp_path / name)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"format_version": 1, "splits": {', "Expecting"),  # torn by a crash or a full disk
+    ("[1, 2]", "a JSON list, not an object"),
+    ("\xff\xfe", "not a dataset manifest"),
+])
+def test_a_manifest_that_is_not_json_or_not_an_object_is_named(tiny_dataset, tmp_path, text, problem):
+    root = _copy(tiny_dataset, tmp_path)
+    (root / "manifest.json").write_bytes(text.encode("latin-1"))
+    for read in (lambda: open_dataset(root, "train"), lambda: dataset_summary(root)):
+        with pytest.raises(ValueError, match="manifest.json: not a dataset manifest") as info:
+            read()
+        assert problem in str(info.value) and "rebuild" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m["splits"].pop("val"), "no splits.val"),
+    (lambda m: m["splits"]["test"].update(chunks="12"), "splits.test"),
+    (lambda m: m.pop("seq_len"), "no seq_len"),
+    (lambda m: m.update(dtype="float64"), "dtype"),
+])
+def test_a_manifest_of_the_wrong_shape_is_named(tiny_dataset, tmp_path, edit, problem):
+    root = _copy(tiny_dataset, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    edit(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    for read in (lambda: open_dataset(root, "train"), lambda: dataset_summary(root)):
+        with pytest.raises(ValueError, match="manifest.json: not a dataset manifest") as info:
+            read()
+        assert problem in str(info.value)
+
+
+def test_another_format_version_is_refused_by_summary_too(tiny_dataset, tmp_path):
+    root = _copy(tiny_dataset, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    for read in (lambda: open_dataset(root, "val"), lambda: dataset_summary(root)):
+        with pytest.raises(ValueError, match="dataset format 99 != 1, rebuild it"):
+            read()
+
+
+def test_summary_lists_damaged_shard_files(tiny_dataset, tmp_path):
+    assert dataset_summary(tiny_dataset)["damaged"] == []
+    root = _copy(tiny_dataset, tmp_path)
+    (root / "val.bin").unlink()
+    with open(root / "test.len", "r+b") as f:
+        f.truncate(8)
+    damaged = dataset_summary(root)["damaged"]
+    test_len = 4 * json.loads((root / "manifest.json").read_text())["splits"]["test"]["chunks"]
+    assert damaged == [f"{root / 'val.bin'}: missing", f"{root / 'test.len'}: 8 bytes, manifest says {test_len}"]
+    with pytest.raises(ValueError, match="val.bin: missing; rebuild the dataset"):
+        open_dataset(root, "val")
+    with pytest.raises(ValueError, match="test.len: 8 bytes, manifest says"):
+        open_dataset(root, "test")
+    assert len(open_dataset(root, "train")) > 0  # the undamaged split still opens
+
+
+def _one_train_file(tmp_path):
+    """A source of one document, which the id hash puts in train: val and test get none."""
+    src = tmp_path / "one"
+    src.mkdir()
+    (src / "a.txt").write_text("a single small document, hashed into train\n")
+    assert split_of("file:a.txt") == "train"
+    return src
+
+
+def test_empty_val_and_test_are_warnings_in_the_manifest(tiny_dataset, tiny_tokenizer, tmp_path):
+    assert json.loads((tiny_dataset / "manifest.json").read_text())["warnings"] == []
+    m = build_dataset(tmp_path / "ds", str(_one_train_file(tmp_path)), tokenizer=tiny_tokenizer, seq_len=SEQ)
+    assert m["splits"]["train"]["documents"] == 1
+    assert len(m["warnings"]) == 2
+    assert "val split has no documents" in m["warnings"][0] and "test split has no documents" in m["warnings"][1]
+    assert dataset_summary(tmp_path / "ds")["warnings"] == m["warnings"]
+
+
+def test_manifest_name_is_the_given_name_or_the_folder(tiny_corpus, tiny_tokenizer, tmp_path):
+    named = build_dataset(tmp_path / "place", str(tiny_corpus / "prose"), tokenizer=tiny_tokenizer,
+                          seq_len=SEQ, name="mine")
+    assert named["name"] == "mine" == dataset_summary(tmp_path / "place")["name"]
+    unnamed = build_dataset(tmp_path / "other", str(tiny_corpus / "prose"), tokenizer=tiny_tokenizer, seq_len=SEQ)
+    assert unnamed["name"] == "other"

@@ -19,6 +19,7 @@ from cir.data.sources import (
     describe_sources,
     iter_documents,
 )
+from cir.data.split import split_of
 
 
 def _write(path: Path, data: bytes | str) -> Path:
@@ -102,6 +103,30 @@ def test_hf_json_builder_picks_text_or_first_string_column(tmp_path):
     (doc,) = iter_documents(f"hf:json?data_files={with_text}&streaming=0")
     assert (doc.id, doc.text) == ("hf:json/train/x7", "hello")
 
+
+
+def test_hf_repeated_ids_get_the_row_index_and_spread_over_the_splits(tmp_path):
+    rows = [{"id": 7, "text": f"row {i}"} for i in range(50)]  # a constant id column
+    rows += [{"id": None, "text": "null id"}, {"id": "7#1", "text": "looks generated"}]
+    path = _write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in rows))
+    ids = [d.id for d in iter_documents(f"hf:json?data_files={path}")]
+    assert len(set(ids)) == len(ids) == 52
+    assert ids[:3] == ["hf:json/train/7", "hf:json/train/7#1", "hf:json/train/7#2"]
+    assert ids[50] == "hf:json/train/50" and ids[51] == "hf:json/train/7#1#51"
+    assert {split_of(i) for i in ids} == {"train", "val", "test"}
+
+
+def test_hf_non_string_column_is_not_text_and_null_is_empty(tmp_path):
+    rows = [{"n": i, "body": None if i == 1 else f"body {i}"} for i in range(3)]
+    path = _write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in rows))
+    stats = SkipStats()
+    assert list(iter_documents(f"hf:json?data_files={path}&column=n", stats)) == []
+    assert dict(stats.counts) == {"not-text": 3}
+    with pytest.raises(BadFileError, match="not-text .column 'n' holds int, not text"):
+        list(iter_documents(f"hf:json?data_files={path}&column=n", strict=True))
+    stats = SkipStats()
+    assert [d.text for d in iter_documents(f"hf:json?data_files={path}&column=body", stats)] == ["body 0", "body 2"]
+    assert dict(stats.counts) == {"empty": 1}
 
 def test_parse_hf_spec():
     spec = parse_hf_spec("hf:wikitext:wikitext-103-raw-v1:validation")
