@@ -120,7 +120,12 @@ def read_bytes(path: Path, opts: ReadOptions) -> bytes | None:
             _reject(opts, "too-large", str(path), f"{info.st_size} bytes > cap {opts.max_bytes}")
             return None
         with open(path, "rb", opener=_open_nonblocking) as f:
-            return f.read(opts.max_bytes + 1)
+            # in blocks: one read of a huge cap would allocate the whole cap up front
+            blocks, left = [], opts.max_bytes + 1
+            while left > 0 and (block := f.read(min(left, 16 << 20))):
+                blocks.append(block)
+                left -= len(block)
+            return b"".join(blocks)
     except OSError as exc:
         _reject(opts, "unreadable", str(path), exc.strerror or type(exc).__name__)
         return None

@@ -312,3 +312,14 @@ def test_python_prose_source(monkeypatch, tmp_path):
         "python-prose:site-packages/pkg/README.md": "# Pkg\n\nUse it like this:\n\nThat is all.\n",
     }
     assert dict(stats.counts) == {"filtered": 1}  # nothing left of CODE.md
+
+
+def test_a_huge_size_cap_reads_files_without_allocating_it(tmp_path):
+    from cir.data.sources import ReadOptions, read_bytes
+
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"x = 1\n" * 5000)
+    opts = ReadOptions(SkipStats(), max_bytes=2**50)  # one read of the cap would fail
+    assert read_bytes(path, opts) == path.read_bytes()
+    small = ReadOptions(SkipStats(), max_bytes=10)  # the size check comes first
+    assert read_bytes(path, small) is None and small.stats.counts["too-large"] == 1
