@@ -36,6 +36,7 @@ from typing import Any
 import filelock
 import numpy as np
 import torch
+from cir.data.shards import read_manifest
 from cir.router.registry import ExpertExistsError, ExpertInfo, Registry, RegistryError, sha256_file
 from cir.router.routing import DEFAULT_LOSS_MARGIN, DEFAULT_MARGIN, DEFAULT_QUANTILE, calibrate
 
@@ -179,10 +180,18 @@ def _worth_resuming(work: Path) -> bool:
 
 
 def _dataset_ok(data_dir: Path, tokenizer_sha: str | None) -> bool:
-    manifest = data_dir / "manifest.json"
-    if not manifest.is_file():
+    """Whether an interrupted mount's corpus can be reused (a torn one is built again)."""
+    from cir.data.shards import shard_problems
+
+    if not (data_dir / "manifest.json").is_file():
         return False
-    return tokenizer_sha is None or json.loads(manifest.read_text())["tokenizer_sha256"] == tokenizer_sha
+    try:
+        manifest = read_manifest(data_dir)
+    except ValueError:
+        return False
+    if any(shard_problems(data_dir, split, manifest) for split in manifest["splits"]):
+        return False
+    return tokenizer_sha is None or manifest["tokenizer_sha256"] == tokenizer_sha
 
 
 def build_corpus(registry: Registry, work: Path, source: Any, cfg: MountConfig) -> Path:
@@ -250,7 +259,7 @@ def _calibrate(work: Path, data: Path, cfg: MountConfig) -> dict[str, Any]:
 
 
 def _meta(source: Any, data: Path, cfg: MountConfig, results: dict[str, Any]) -> dict[str, Any]:
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifest = read_manifest(data)
     return {
         "domain": results["name"],
         # as resumes compare it: a relative directory resolved, so it names the same files

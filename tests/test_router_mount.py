@@ -107,8 +107,8 @@ _CHILD = textwrap.dedent("""
     from cir.router.registry import Registry
     mount(Registry(sys.argv[1]), "code", sys.argv[2],
           MountConfig(preset="debug", max_tokens=None, steps_compressor=100000, steps_lm=10,
-                      compressor_train={"ckpt_every": 5}))
-""")
+                      compressor_train={"ckpt_every": 5, "schedule": "wsd"}))
+""")  # wsd: the resume below may shorten the run (a cosine run's length is fixed)
 
 
 def test_mount_killed_halfway_then_resumed(tiny_corpus, tiny_tokenizer, tmp_path):
@@ -127,7 +127,7 @@ def test_mount_killed_halfway_then_resumed(tiny_corpus, tiny_tokenizer, tmp_path
     assert reg.names() == [] and reg.load().errors == []  # loadable, expert absent
     result = mount(reg, "code", str(tiny_corpus / "code"),
                    MountConfig(preset="debug", max_tokens=None, steps_compressor=10, steps_lm=10,
-                               compressor_train={"ckpt_every": 5}))
+                               compressor_train={"ckpt_every": 5, "schedule": "wsd"}))
     assert result.resumed and reg.names() == ["code"] and reg.load().errors == []
     assert not any(p.name.startswith(".tmp-") for p in Path(reg.root).iterdir())
 
@@ -156,3 +156,25 @@ def test_concurrent_mounts(tiny_corpus, tiny_tokenizer, tmp_path):
     assert prose.count("ok") == 1
     err = next(o for o in prose if o != "ok")
     assert "already running" in str(err) or "already mounted" in str(err)
+
+
+@pytest.mark.parametrize("damage", ["torn-manifest", "truncated-shard"])
+def test_a_damaged_corpus_of_an_interrupted_mount_is_built_again(
+        tiny_corpus, tiny_tokenizer, tmp_path, damage):
+    from cir.data.shards import read_manifest, shard_problems
+    from cir.router.mount import build_corpus
+
+    reg = Registry(tmp_path / "registry")
+    reg.set_tokenizer(tiny_tokenizer)
+    work = reg.work_dir("code")
+    cfg = MountConfig(preset="debug", max_tokens=None)
+    data = build_corpus(reg, work, str(tiny_corpus / "code"), cfg)
+    if damage == "torn-manifest":
+        text = (data / "manifest.json").read_text()
+        (data / "manifest.json").write_text(text[: len(text) // 2])
+    else:
+        shard = data / "train.bin"
+        shard.write_bytes(shard.read_bytes()[:7])
+    build_corpus(reg, work, str(tiny_corpus / "code"), cfg)  # the re-run of the mount
+    manifest = read_manifest(data)
+    assert all(not shard_problems(data, s, manifest) for s in ("train", "val", "test"))
