@@ -21,7 +21,9 @@ from cir.train import autocast_for, make_optimizer, resolve_device
 
 
 @dataclass
-class BenchResult:
+class _Setup:
+    """What was measured, and where."""
+
     preset: str
     params: int
     batch_size: int
@@ -29,14 +31,18 @@ class BenchResult:
     vocab_size: int
     device: str
     threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BenchResult(_Setup):
     repeats: int
     median_s: float  # one scoring pass of batch_size chunks
     tokens_per_s: float
     chunks_per_s: float
     random_weights: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _sync(device: torch.device) -> None:
@@ -80,14 +86,7 @@ def bench_scoring(
 
 
 @dataclass
-class TrainBenchResult:
-    preset: str
-    params: int
-    batch_size: int
-    seq_len: int
-    vocab_size: int
-    device: str
-    threads: int
+class TrainBenchResult(_Setup):
     precision: str
     compile: str  # "off" or the torch.compile mode
     optimizer: str
@@ -98,9 +97,6 @@ class TrainBenchResult:
     mfu: float | None  # model FLOPs utilisation against peak_tflops (CUDA only)
     peak_memory_gib: float | None  # CUDA only
     random_weights: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune",
