@@ -54,7 +54,10 @@ def _table_datasets(model: Any, in_domain: list[str], semi: list[str], full: lis
     out: dict[str, tuple[str, Any]] = {}
     for role, names in (("in-domain", in_domain), ("semi-OOD", semi), ("full-OOD", full)):
         for name in names:
-            out[dataset_label(name)] = (role, open_eval_dataset(name, split, like=model))
+            label = dataset_label(name)
+            if label in out:
+                fail(f"two datasets are labelled {label!r} ({name}); give them distinct names")
+            out[label] = (role, open_eval_dataset(name, split, like=model))
     return out
 
 
@@ -69,7 +72,7 @@ def _matrix_rows(registry: Path | None, data: list[str], full: list[str], split:
     total = len(domains) * sum(min(len(d), max_chunks or len(d)) for d in datasets.values())
     task = bar.add_task("score", total=total, info="")
     comps = {name: e.compressor for name, (e, _) in domains.items()}
-    return tra_matrix(comps, datasets, max_chunks=max_chunks,
+    return tra_matrix(comps, datasets, max_chunks=max_chunks, full_ood=full,
                       on_batch=lambda n, k: bar.update(task, advance=k, info=n))
 
 
@@ -179,8 +182,10 @@ def plot_cmd(
     from cir.paths import cir_home
 
     model = _compressor(compressor, device)
-    specs = dict(item.split("=", 1) if "=" in item else (dataset_label(item), item)
-                 for item in data)
+    pairs = [item.split("=", 1) if "=" in item else (dataset_label(item), item) for item in data]
+    specs = dict(pairs)
+    if len(specs) < len(pairs):
+        fail("two --data sets share a label; name them LABEL=DATASET")
     sets = {label: open_eval_dataset(spec, split, like=model) for label, spec in specs.items()}
     title = _model_name(compressor)
     out = out or cir_home() / "plots" / "latents"

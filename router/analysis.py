@@ -82,21 +82,23 @@ def tra_matrix(
     batch_size: int | None = None,
     device: str = "cpu",
     on_batch: Callable[[str, int], None] | None = None,
+    full_ood: Sequence[str] = ("random",),
 ) -> list[TableRow]:
     """Every compressor on every dataset; a dataset named like the compressor is in-domain,
-    ``random`` is full-OOD, every other domain is semi-OOD for that compressor."""
+    those in ``full_ood`` (``random``) are full-OOD, every other domain is semi-OOD for
+    that compressor."""
     rows: list[TableRow] = []
     for name, comp in compressors.items():
-        labelled = {ds: (role_of(name, ds), data) for ds, data in datasets.items()}
+        labelled = {ds: (role_of(name, ds, full_ood), data) for ds, data in datasets.items()}
         rows += tra_table(comp, labelled, name=name, max_chunks=max_chunks,
                           batch_size=batch_size, device=device, on_batch=on_batch)
     return rows
 
 
-def role_of(expert: str, dataset: str) -> str:
+def role_of(expert: str, dataset: str, full_ood: Sequence[str] = ("random",)) -> str:
     if dataset == expert:
         return "in-domain"
-    return "full-OOD" if dataset == "random" else "semi-OOD"
+    return "full-OOD" if dataset in full_ood else "semi-OOD"
 
 
 def _fmt(row: TableRow) -> list[str]:

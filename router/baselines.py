@@ -59,12 +59,28 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95
     b = np.asarray(ood_scores, dtype=np.float64)
     if len(a) == 0 or len(b) == 0:
         raise ValueError("OOD metrics need chunks on both sides")
+    a, b = _finite_ranks(a, b)
     labels = np.concatenate([np.zeros(len(a)), np.ones(len(b))])
     auroc = float(roc_auc_score(labels, np.concatenate([a, b])))
     # accept a chunk as in-domain when its OOD score is <= t; the smallest t accepting at
     # least `tpr` of the in-domain chunks is their ceil(tpr * n)-th smallest score.
     t = np.sort(a)[int(np.ceil(tpr * len(a))) - 1]
     return {"auroc": auroc, "fpr95": float((b <= t).mean())}
+
+
+def _finite_ranks(*parts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """OOD scores with NaN read as the most OOD (as the router reads a NaN loss) and the
+    infinities moved just past the finite values, order kept (sklearn refuses both)."""
+    parts = tuple(np.where(np.isnan(p), np.inf, p) for p in parts)
+    finite = np.concatenate([p[np.isfinite(p)] for p in parts])
+    hi = finite.max() + 1.0 if len(finite) else 1.0
+    lo = finite.min() - 1.0 if len(finite) else -1.0
+    return tuple(np.where(p == np.inf, hi, np.where(p == -np.inf, lo, p)) for p in parts)
+
+
+def _nan_as_inf(x: Any) -> np.ndarray:
+    """Losses / NLLs with NaN (a diverged model) read as +inf, as the router reads them."""
+    return np.nan_to_num(np.asarray(x, dtype=np.float64), nan=np.inf, posinf=np.inf)
 
 
 # ---------------------------------------------------------------- routers on features
@@ -91,10 +107,10 @@ class LossRouter(Router):
     name = "reconstruction"
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        return -np.asarray(x, dtype=np.float64)
+        return -_nan_as_inf(x)  # a NaN loss is never the route (cir.router.routing)
 
     def ood_score(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, dtype=np.float64).min(1)
+        return _nan_as_inf(x).min(1)
 
 
 class LikelihoodRouter(Router):
@@ -103,10 +119,10 @@ class LikelihoodRouter(Router):
     name = "likelihood"
 
     def scores(self, x: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        return domain_posterior(x[0], log=True)
+        return domain_posterior(_nan_as_inf(x[0]), log=True)
 
     def ood_score(self, x: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        nll, n = (np.asarray(a, dtype=np.float64) for a in x)
+        nll, n = _nan_as_inf(x[0]), np.asarray(x[1], dtype=np.float64)
         return (nll / np.maximum(n, 1)).min(1)
 
 
@@ -116,7 +132,9 @@ def domain_posterior(nll_sum: np.ndarray, log: bool = False,
     logp = -np.asarray(nll_sum, dtype=np.float64)
     if prior is not None:
         logp = logp + np.log(np.asarray(prior, dtype=np.float64))
-    logp = logp - logp.max(1, keepdims=True)
+    top = logp.max(1, keepdims=True)
+    none = ~np.isfinite(top)  # no expert gives the chunk a finite likelihood: uniform
+    logp = np.where(none, 0.0, logp - np.where(none, 0.0, top))
     logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
     return logp if log else np.exp(logp)
 
@@ -255,12 +273,13 @@ class KnnRouter(Router):
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         _, ids = self.index.search(x, self.k_nn)
-        votes = self.y[ids]  # [N, k]
+        # faiss answers id -1 where it finds no neighbour (a NaN query): no vote, not y[-1]
+        votes = np.where(ids >= 0, self.y[ids], -1)  # [N, k]
         return np.stack([(votes == c).mean(1) for c in range(self.k)], axis=1)
 
     def ood_score(self, x: np.ndarray) -> np.ndarray:
-        dist, _ = self.index.search(x, self.k_nn)
-        return dist[:, -1]
+        dist, ids = self.index.search(x, self.k_nn)
+        return np.where(ids[:, -1] >= 0, dist[:, -1], np.inf)
 
 
 def baseline_routers(n_clusters: int = 8, k_nn: int = 10, seed: int = 0) -> dict[str, Router]:
@@ -527,6 +546,11 @@ def bench_routing(
         return compute_features(take_chunks(sets, n), comps, lms, comps[0], pooling, kinds)
 
     # reconstruction and likelihood routing fit nothing: no need to score training chunks
+    for split in ("train", "test"):
+        empty = [n for n, d in domains.items() if len(getattr(d, split)) == 0]
+        if empty:
+            raise ValueError(f"no {split} chunks in domain(s) {', '.join(empty)}: routing "
+                             "accuracy would leave them out")
     train = feats([d.train for d in domains.values()], max_train, ("emb", "docs", "latent"))
     test = feats([d.test for d in domains.values()], max_test)
     ood_sets = {k: feats([v], max_test) for k, v in (ood or {}).items()}

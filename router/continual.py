@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cir.router.mount import LM_PRESET, LM_TRAIN, MountConfig, held_out, mount
+from cir.router.mount import LM_PRESET, LM_TRAIN, MountConfig, mount
 from cir.router.registry import Expert, Registry
 from cir.router.routing import RouteResult, ood_auroc, route_chunks, routing_accuracy
 
@@ -32,6 +32,21 @@ Event = Callable[[dict[str, Any]], None]
 def _ppl(nll: torch.Tensor, n: torch.Tensor) -> float:
     total = float(n.sum())
     return math.exp(float(nll.sum()) / total) if total else float("nan")
+
+
+def held_out_test(data: Path, max_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``max_chunks`` chunks of a domain's ``test`` split (``val`` when the test
+    split is empty), never its ``train`` split: what the expert trained on says nothing
+    about held-out routing or perplexity."""
+    import numpy as np
+    from cir.data import open_dataset
+
+    for split in ("test", "val"):
+        ds = open_dataset(data, split)
+        if len(ds):
+            return ds.get_batch(np.arange(min(len(ds), max_chunks)))
+    raise ValueError(f"{data}: no held-out (test or val) chunks to evaluate on; the corpus "
+                     "has too few documents")
 
 
 def lm_nll(experts: list[Expert], ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +84,7 @@ def evaluate_routing(reg: Registry, experts: list[Expert], eval_chunks: int = 64
     domains: dict[str, Any] = {}
     results = []
     for expert in experts:
-        ids, mask = held_out(reg.data_dir(expert.name), eval_chunks, split="test")
+        ids, mask = held_out_test(reg.data_dir(expert.name), eval_chunks)
         res = route_chunks(experts, ids, mask)
         results.append(res)
         domains[expert.name] = {"accuracy": routing_accuracy(res, expert.name),
@@ -111,7 +126,7 @@ def _measure(reg: Registry, names: list[str], cfg: ContinualConfig) -> dict[str,
     experts = reg.load(names).experts
     out = {}
     for name in names:
-        ids, mask = held_out(reg.data_dir(name), cfg.eval_chunks, split="test")
+        ids, mask = held_out_test(reg.data_dir(name), cfg.eval_chunks)
         route = route_chunks(experts, ids, mask)
         out[name] = {"routing_accuracy": routing_accuracy(route, name),
                      **lm_comparison(experts, ids, mask, route)}
@@ -152,7 +167,7 @@ def _sequential_ppl(reg: Registry, ckpt: Path, names: list[str], cfg: ContinualC
     model = load_checkpoint(ckpt, expect="language model")
     out = {}
     for name in names:
-        ids, mask = held_out(reg.data_dir(name), cfg.eval_chunks, split="test")
+        ids, mask = held_out_test(reg.data_dir(name), cfg.eval_chunks)
         r = perplexity(model, ids, mask)
         out[name] = _ppl(r["nll_sum"], r["n_tokens"])
     return out

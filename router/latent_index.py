@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from cir.router.analysis import pool_latents
+from cir.router.routing import nan_last
 
 INDEX_FILE = "latents.faiss"
 META_FILE = "latents.jsonl"
@@ -200,8 +201,8 @@ def explain_chunks(
         for i, row in enumerate(out):
             row["experts"][name] = {"loss": float(scores.loss[i]), "tra": float(scores.tra[i]),
                                     "neighbours": found[i]}
-    for row in out:
-        row["route"] = min(row["experts"], key=lambda n: row["experts"][n]["loss"])
+    for row in out:  # a NaN loss (a diverged compressor) is never the route, as in routing
+        row["route"] = min(row["experts"], key=lambda n: nan_last(row["experts"][n]["loss"]))
     return out
 
 

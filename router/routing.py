@@ -133,7 +133,7 @@ class RouteResult:
         total = max(sum(shares.values()), 1)
         majority = max(shares, key=lambda k: (shares[k], k != UNKNOWN))
         means = self.expert_means()
-        loss_weighted = min(means, key=lambda k: _nan_last(means[k]["loss"]))
+        loss_weighted = min(means, key=lambda k: nan_last(means[k]["loss"]))
         return {
             "majority": majority,
             "loss_weighted": loss_weighted,
@@ -171,7 +171,8 @@ class RouteResult:
         )
 
 
-def _nan_last(x: float) -> float:
+def nan_last(x: float) -> float:
+    """A sort key that puts NaN (a diverged model's score) after every number."""
     return float("inf") if math.isnan(x) else x
 
 
