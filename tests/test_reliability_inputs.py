@@ -217,8 +217,8 @@ def test_mount_cli_refuses_bad_names_before_writing(name, tiny_corpus, tmp_path)
 @pytest.mark.parametrize(("args", "message"), [
     (["--temperature", "-1"], "temperature must be > 0"),
     (["--temperature", "0"], "temperature must be > 0"),
-    (["--batch-size", "0"], "batch size must be >= 1"),
-    (["--batch-size", "-4"], "batch size must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "-4"], "--batch-size must be >= 1"),
 ])
 def test_score_out_of_range_numbers(reg, tmp_path, args, message):
     good = tmp_path / "a.py"
