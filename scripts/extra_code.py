@@ -72,6 +72,8 @@ def pack(wheels: Path, out: Path, bundle_mb: list[float], max_package_mb: float)
     packages = package_files(wheels, max_package_mb)
     archives = {top: _tar_xz(files) for top, files in packages.items() if files}
     room = [mb * 2**20 for mb in bundle_mb]
+    for old in out.glob("[0-9]*/*.tar.xz"):  # a previous pack's bundles: none of its packages stay
+        old.unlink()
     raw = {top: sum(map(len, packages[top].values())) for top in archives}
     for top in sorted(archives, key=lambda t: -len(archives[t])):  # largest first, first fit
         b = next((i for i, r in enumerate(room) if len(archives[top]) <= r), None)

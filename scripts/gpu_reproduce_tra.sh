@@ -116,7 +116,13 @@ if [[ $stage == train || $stage == all ]]; then
     python3 scripts/weight_parts.py join "$INIT_FROM" /tmp/init-ckpt
     INIT_FROM=/tmp/init-ckpt
   fi
-  if [[ -n ${DEADLINE_S:-} ]]; then WALL_S=$((DEADLINE_S - SECONDS - EVAL_RESERVE_S)); fi
+  if [[ -n ${DEADLINE_S:-} ]]; then
+    WALL_S=$((DEADLINE_S - SECONDS - EVAL_RESERVE_S))
+    if (( WALL_S <= 0 )); then  # tra_train takes WALL_S <= 0 as no limit at all
+      echo "error: no training time left: DEADLINE_S=$DEADLINE_S, ${SECONDS}s spent, EVAL_RESERVE_S=$EVAL_RESERVE_S" >&2
+      exit 1
+    fi
+  fi
   echo "training for at most ${WALL_S}s"
   sets=(code docs prose)
   if [[ -n $EXTRA_CODE ]]; then sets+=(extra); fi

@@ -8,12 +8,21 @@ source scripts/gpu_setup.sh
 STEPS=${STEPS:-2000}
 BATCH=${BATCH:-32}
 LIMIT_S=${LIMIT_S:-230}
+failed=0
 for arch in tlinformer transformer; do
   SECONDS=0
+  status=0
   timeout "$LIMIT_S" route-cli expert train --data gpu-code --out "$CIR_HOME/runs/lm-$arch" \
     --arch "$arch" --preset paper-41m --steps "$STEPS" --batch-size "$BATCH" --lr 1e-3 \
     --warmup-steps 100 --eval-every 500 --ckpt-every 500 --device cuda --json \
-    > "$OUT/lm-$arch.json" || echo "$arch: stopped by the ${LIMIT_S}s limit"
+    > "$OUT/lm-$arch.json" || status=$?
+  if (( status == 124 )); then
+    echo "$arch: stopped by the ${LIMIT_S}s limit"
+  elif (( status != 0 )); then
+    echo "$arch: failed (exit status $status)"
+    failed=1
+  fi
   echo "$arch trained in ${SECONDS}s"
-  tail -n 3 "$CIR_HOME/runs/lm-$arch/metrics.jsonl"
+  tail -n 3 "$CIR_HOME/runs/lm-$arch/metrics.jsonl" || true
 done
+exit "$failed"

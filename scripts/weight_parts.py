@@ -61,7 +61,8 @@ def _header_size(blob: bytes) -> int:
 
 def compress(blob: bytes) -> bytes:
     n = _header_size(blob)
-    values = np.frombuffer(blob, np.uint8, offset=n).reshape(-1, 2)  # [N, 2], little-endian
+    pad = b"\0" * ((len(blob) - n) % 2)  # an odd-sized bool/int8 tensor: one byte, dropped by join
+    values = np.frombuffer(blob[n:] + pad, np.uint8).reshape(-1, 2)  # [N, 2], little-endian
     return (lzma.compress(blob[:n] + values[:, 1].tobytes(), filters=HIGH_FILTERS)
             + lzma.compress(values[:, 0].tobytes(), filters=LOW_FILTERS))
 
@@ -70,7 +71,9 @@ def decompress(stream: bytes) -> bytes:
     raw = lzma.decompress(stream)  # both xz streams: header, high bytes, low bytes
     n = _header_size(raw)
     high, low = np.frombuffer(raw, np.uint8, offset=n).reshape(2, -1)  # [2, N]
-    return raw[:n] + np.stack([low, high], axis=1).tobytes()  # [N, 2], little-endian
+    tensors = {k: v for k, v in json.loads(raw[8:n]).items() if k != "__metadata__"}
+    end = max((t["data_offsets"][1] for t in tensors.values()), default=0)  # without the pad
+    return (raw[:n] + np.stack([low, high], axis=1).tobytes())[: n + end]  # [N, 2], little-endian
 
 
 def split(ckpt_dir: Path, out_dir: Path, part_bytes: int) -> dict[str, Any]:
@@ -98,14 +101,19 @@ def read_parts(parts_dir: Path) -> tuple[dict[str, Any], bytes]:
     """The manifest and the compressed stream, every part checked."""
     if not (parts_dir / MANIFEST).is_file():
         raise CheckpointError(f"{parts_dir}: no {MANIFEST}")
-    manifest = json.loads((parts_dir / MANIFEST).read_text())
+    try:
+        manifest = json.loads((parts_dir / MANIFEST).read_text())
+        parts = [(p["name"], p["bytes"], p["sha256"]) for p in manifest["parts"]]
+        manifest["bf16_sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{parts_dir / MANIFEST}: not a weight-parts manifest ({exc!r})") from None
     chunks = []
-    for part in manifest["parts"]:
-        path = parts_dir / part["name"]
+    for name, size, sha256 in parts:
+        path = parts_dir / name
         if not path.is_file():
             raise CheckpointError(f"{path}: part missing")
         chunk = path.read_bytes()
-        if len(chunk) != part["bytes"] or _sha256(chunk) != part["sha256"]:
+        if len(chunk) != size or _sha256(chunk) != sha256:
             raise CheckpointError(f"{path}: part corrupt (size or sha256 differs from {MANIFEST})")
         chunks.append(chunk)
     return manifest, b"".join(chunks)

@@ -48,7 +48,22 @@ def test_pack_keeps_packages_code_and_unpacks_to_the_same_files(tmp_path):
     assert {a.name for a in archives} == {"alpha.tar.xz", "beta.py.tar.xz", "gamma.tar.xz"}
     for archive in archives:
         with tarfile.open(archive, "r:xz") as tar:
-            tar.extractall(unpacked, filter="data")
+            for member in tar.getmembers():  # no extractall(filter=): Python < 3.11.4 lacks it
+                target = unpacked / member.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
     every = {p.relative_to(unpacked).as_posix(): p.read_bytes() for p in unpacked.rglob("*.py")}
     want = {k: v for files in extra_code.package_files(wheels, max_mb=1.0).values() for k, v in files.items()}
     assert every == want and "gamma/small.py" in every
+
+
+def test_pack_again_replaces_the_previous_bundles(tmp_path):
+    wheels, out = tmp_path / "wheels", tmp_path / "out"
+    wheels.mkdir()
+    _wheel(wheels / "alpha-1.0-py3-none-any.whl", {"alpha/core.py": "x = 1\n"})
+    _wheel(wheels / "beta-1.0-py3-none-any.whl", {"beta/core.py": "y = 2\n"})
+    extra_code.pack(wheels, out, bundle_mb=[1.0], max_package_mb=1.0)
+    assert sorted(p.name for p in out.glob("*/*.tar.xz")) == ["alpha.tar.xz", "beta.tar.xz"]
+    (wheels / "beta-1.0-py3-none-any.whl").unlink()  # beta dropped, then packed again
+    extra_code.pack(wheels, out, bundle_mb=[1.0], max_package_mb=1.0)
+    assert [p.relative_to(out).as_posix() for p in out.glob("*/*.tar.xz")] == ["1/alpha.tar.xz"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from cir.compressor.model import Compressor
 from cir.compressor.train import default_train_config, train_compressor
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cir.checkpoint import load_checkpoint, weights_metadata
 
@@ -85,3 +85,27 @@ def test_join_names_a_corrupt_or_missing_part(parts, tmp_path):
     part.write_bytes(bytes(data))
     with pytest.raises(SystemExit, match="weights.part-002: part missing"):
         weight_parts.main(["join", str(parts), str(tmp_path / "j")])
+
+
+def test_odd_sized_integer_tensors_round_trip(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    tensors = {"w": torch.randn(5, 3), "mask": torch.tensor([True, False, True]),
+               "ids": torch.arange(4, dtype=torch.int8)}  # 37 bytes in all
+    save_file(tensors, ckpt / "model.safetensors", metadata={"step": "7"})
+    (ckpt / "config.json").write_text("{}")
+    weight_parts.split(ckpt, tmp_path / "parts", 64)
+    weight_parts.join(tmp_path / "parts", tmp_path / "joined")
+    got = load_file(tmp_path / "joined" / "model.safetensors")
+    assert torch.equal(got["mask"], tensors["mask"]) and torch.equal(got["ids"], tensors["ids"])
+    assert torch.equal(got["w"], tensors["w"].to(torch.bfloat16))
+
+
+def test_join_names_an_unreadable_manifest(tmp_path):
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "manifest.json").write_text('{"parts": [{"name": "weights.par')  # cut short
+    res = subprocess.run([sys.executable, str(SCRIPT), "join", str(parts), str(tmp_path / "j")],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "manifest.json: not a weight-parts manifest" in res.stderr
+    assert res.stderr.count("\n") == 1
