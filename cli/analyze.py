@@ -154,7 +154,7 @@ def plot_cmd(
                                    "LABEL=DATASET; repeat."),
     method: list[str] = typer.Option(["umap", "tsne", "pca"], "--method",
                                      help="umap | tsne | pca; repeat."),
-    pooling: str = typer.Option("flat", help="flat ([8*d]) | mean ([d]) latents."),
+    pooling: str = typer.Option("flat", help="flat ([8*d]) | mean (\\[d]) latents."),
     split: str = typer.Option("test", help="Split of every dataset."),
     max_chunks: int = typer.Option(300, help="Chunks per dataset (evenly spread)."),
     seed: int = typer.Option(0, help="random_state of t-SNE / UMAP and the CV folds."),

@@ -73,7 +73,8 @@ def train_cmd(
     A wsd run at a constant rate for as long as it takes, then its decay, each command
     re-run until it is done:
     route-cli compressor train --data python-code --out runs/cmp --preset paper --schedule
-    wsd --steps 1000000 --max-minutes 9; then the same with --decay-steps 8000
+    wsd --steps 1000000 --max-minutes 9; then the same without --steps, with
+    --decay-steps 8000
     """
     from cir.compressor.train import default_train_config, open_split, train_compressor
 

@@ -27,16 +27,26 @@ def _registry(path: Path | None):
     return Registry(path)
 
 
+def _why_not_loaded(name: str, error: str) -> str:
+    """``error`` without the expert's name in front (the caller names the expert)."""
+    return error.removeprefix(f"{name}: ")
+
+
+def _warn_not_loaded(errors: list[tuple[str, str]]) -> None:
+    for name, error in errors:
+        err_console.print(f"[yellow]warning:[/] expert {name} not loaded: "
+                          f"{_why_not_loaded(name, error)}")
+
+
 def _load_experts(reg: Any, quiet: bool) -> tuple[list[Any], Any, list[tuple[str, str]]]:
     from cir.data import load_tokenizer
     from cir.router.routing import seq_len_of
 
     result = reg.load()
-    for name, error in result.errors:
-        if not quiet:
-            err_console.print(f"[yellow]warning:[/] expert {name} not loaded: {error}")
+    if not quiet:
+        _warn_not_loaded(result.errors)
     if not result.experts:
-        hint = "; ".join(f"{n}: {e}" for n, e in result.errors) or "none mounted"
+        hint = "; ".join(f"{n}: {_why_not_loaded(n, e)}" for n, e in result.errors) or "none mounted"
         fail(f"no usable expert in {reg.root} ({hint}); run `route-cli quickstart` "
              "or `route-cli mount NAME --source SRC`")
     try:
@@ -155,7 +165,7 @@ def _mount_progress(bar: Any, task: Any) -> Any:
 
 def mount_cmd(
     name: str = typer.Argument(..., help="Expert name: letters, digits, '.', '_', '-'."),
-    source: str = typer.Option(..., "--source", "-s", help="python-code | python-docs | c-code | man-pages | DIR | GLOB | hf:<dataset>..."),
+    source: str = typer.Option(..., "--source", "-s", help="python-code | python-docs | python-prose | python-docstrings | c-code | man-pages | DIR | GLOB | FILE | hf:<dataset>[:<config>][:<split>]"),
     preset: str = typer.Option("small", "--preset", help="Model size: debug | small."),
     max_tokens: int | None = typer.Option(2_000_000, "--max-tokens", help="Training tokens to read from the source."),
     steps_compressor: int | None = typer.Option(None, "--steps-compressor", help="Compressor training steps (default: the preset's)."),
@@ -214,9 +224,10 @@ def experts_cmd(
     registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """List mounted experts: source, sizes, parameters, calibrated threshold.
+    """List mounted experts: status, size, parameters, calibrated thresholds, held-out TRA.
 
-    Corrupted experts (hash mismatch, missing files) are flagged.
+    Corrupted experts (hash mismatch, missing files) are flagged; --json adds each
+    expert's source.
 
     Example: route-cli experts --json
     """
@@ -302,8 +313,7 @@ def quickstart_cmd(
         task = bar.add_task("quickstart", total=None, info="")
         res = quickstart(registry, force=force, on_event=_mount_progress(bar, task))
     if not as_json:
-        for name, error in res.errors:
-            err_console.print(f"[yellow]warning:[/] expert {name} not loaded: {error}")
+        _warn_not_loaded(res.errors)
     if as_json:
         print_json({"registry": str(res.registry), "domains": res.domains,
                     "mounted": res.mounted, "reused": res.reused, "timings": res.timings,

@@ -134,6 +134,13 @@ def test_truncated_weights(ckpt, reg):
     loaded = reg.load()
     assert [e.name for e in loaded.experts] == ["prose"]
     assert loaded.errors[0][0] == "code" and "sha256" in loaded.errors[0][1]
+    sample = reg.root.parent / "sample.py"
+    sample.write_text(BLOCK)
+    res = CliRunner().invoke(app, ["score", str(sample), "--registry", str(reg.root), "--json"])
+    assert res.exit_code == 0
+    warned = CliRunner().invoke(app, ["score", str(sample), "--registry", str(reg.root)])
+    assert "expert code not loaded: compressor/model.safetensors does not match" in " ".join(
+        warned.output.split())  # the expert named once
 
 
 @pytest.mark.parametrize(("edit", "message"), [
