@@ -297,7 +297,7 @@ def quickstart_cmd(
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Mount experts on built-in local corpora in about a minute, then score samples.
+    """Mount experts on built-in local corpora in a minute or two, then score samples.
 
     The corpora: python-code, python-docs, and c-code or man-pages where present; about
     a minute on a 2-core CPU. A second run reuses the registry.

@@ -1,4 +1,4 @@
-"""Quickstart: a working registry from built-in local corpora in about a minute of CPU.
+"""Quickstart: a working registry from built-in local corpora in a minute or two of CPU.
 
 1. domains: ``python-code`` and ``python-docs`` (present wherever Python is), plus
    ``c-code`` (``/usr/include``) or else ``man-pages`` when the machine has them;
