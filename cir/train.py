@@ -346,6 +346,13 @@ def _load_state(path: Path) -> dict[str, Any]:
 
 def _consistent_step(out_dir: Path) -> int | None:
     """Step of the last complete checkpoint in ``out_dir`` (None when there is none)."""
+    state = _checkpoint_state(out_dir)
+    return None if state is None else state["step"]
+
+
+def _checkpoint_state(out_dir: Path) -> dict[str, Any] | None:
+    """The training state of the last complete checkpoint in ``out_dir``, read once and
+    checked against the weights' step (None when there is no checkpoint)."""
     weights, state = out_dir / WEIGHTS_FILE, out_dir / STATE_FILE
     if not weights.is_file():
         return None
@@ -362,12 +369,12 @@ def _consistent_step(out_dir: Path) -> int | None:
             f"{out_dir} holds weights (step {w_step}) but no {STATE_FILE}: a saved model, not "
             f"a run to resume; train into another --out with --init-from {out_dir}"
         )
-    s_step = _load_state(state)["step"]
-    if s_step != w_step:
+    saved = _load_state(state)
+    if saved["step"] != w_step:
         raise CheckpointError(
-            f"{out_dir}: weights (step {w_step}) and state (step {s_step}) disagree"
+            f"{out_dir}: weights (step {w_step}) and state (step {saved['step']}) disagree"
         )
-    return s_step
+    return saved
 
 
 def _check_resumable(
@@ -403,10 +410,10 @@ def _resume(
 ) -> tuple[int, int | None] | None:
     """``(step, warm_start)`` of the checkpoint in ``out_dir``, restored into the model and
     the optimizer; None when there is none."""
-    step = _consistent_step(out_dir)
-    if step is None:
+    state = _checkpoint_state(out_dir)
+    if state is None:
         return None
-    state = _load_state(out_dir / STATE_FILE)
+    step = state["step"]
     try:
         saved_cfg = json.loads(state["train_config"])
     except (TypeError, ValueError):
@@ -456,6 +463,29 @@ def _init_weights(init_from: str | Path, model: nn.Module, cfg: TrainConfig) -> 
 
 def _to_float(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach().float().item()) for k, v in metrics.items()}
+
+
+def train_step(
+    forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    model: nn.Module,
+    opt: torch.optim.Optimizer | MuonAdamW,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: TrainConfig,
+    device: torch.device,
+    ddp: _Dist | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One optimizer step on a batch: ``forward(ids, mask) -> (loss, metrics)`` under
+    autocast, backward, clipping, the update. Returns the loss, the metrics (without
+    ``n_targets``) and the gradient norm before clipping."""
+    with autocast_for(device, cfg.precision):
+        loss, metrics = forward(ids, mask)
+    _global_mean(loss, metrics.pop(N_TARGETS, None), ddp or _Dist()).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(  # 0: measure the norm, no clipping
+        model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, metrics, grad_norm
 
 
 def _global_mean(loss: torch.Tensor, n: torch.Tensor | None, ddp: _Dist) -> torch.Tensor:
@@ -610,13 +640,7 @@ def train(
             idx = batch_indices(cfg.seed, step, cfg.batch_size, len(train_data))
             idx = idx[ddp.rank * per_rank : (ddp.rank + 1) * per_rank]
             ids, mask = (t.to(device, non_blocking=True) for t in train_data.get_batch(idx))
-            with autocast_for(device, cfg.precision):
-                loss, metrics = forward(ids, mask)
-            _global_mean(loss, metrics.pop(N_TARGETS, None), ddp).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(  # 0: measure the norm, no clipping
-                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss, metrics, grad_norm = train_step(forward, model, opt, ids, mask, cfg, device, ddp)
             done = step + 1
             if (
                 cfg.max_wall_s > 0

@@ -3,8 +3,8 @@ and tokens).
 
 Throughput does not depend on the weights' values, so a freshly initialised model is
 measured: warm-up passes first (compilation included), then the median of timed repeats
-of ``model.score`` or of one training step as ``cir.train.train`` takes it (autocast,
-the preset's loss, backward, clipping, the optimizer step).
+of ``model.score`` or of one training step, the trainer's own (``cir.train.train_step``:
+autocast, the preset's loss, backward, clipping, the optimizer step).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from cir.compressor.model import Compressor, CompressorConfig, sampled_loss_fn
 
-from cir.train import autocast_for, make_optimizer, resolve_device
+from cir.train import make_optimizer, resolve_device, train_step
 
 
 @dataclass
@@ -119,7 +119,7 @@ def bench_training(
 ) -> TrainBenchResult:
     """Median wall time of one training step of a ``preset`` compressor on full random
     chunks (batch size, loss fraction and learning rate: the preset's training defaults)."""
-    from cir.compressor.train import _LOSS_FRACTION, default_train_config
+    from cir.compressor.train import default_train_config, loss_fraction_for
 
     if repeats < 1 or warmup < 0 or (batch_size is not None and batch_size < 1):
         raise ValueError("repeats and batch_size must be >= 1, warmup >= 0")
@@ -127,15 +127,15 @@ def bench_training(
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     extra = {} if batch_size is None else {"batch_size": batch_size}
     cfg = default_train_config(preset, optimizer=optimizer, precision=precision, **extra)
-    fraction = _LOSS_FRACTION.get(preset, 1.0) if loss_fraction is None else loss_fraction
+    fraction = loss_fraction_for(preset, loss_fraction)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     model = Compressor(CompressorConfig.from_name(preset, **overrides)).to(dev).train()
     opt = make_optimizer(model, cfg, dev)
     loss_fn = sampled_loss_fn(fraction)
 
-    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return loss_fn(model, ids, mask)[0]
+    def forward(ids: torch.Tensor, mask: torch.Tensor):
+        return loss_fn(model, ids, mask)
 
     if compile != "off":
         forward = torch.compile(forward, mode=None if compile == "default" else compile)
@@ -148,12 +148,7 @@ def bench_training(
     for i in range(warmup + repeats):
         _sync(dev)
         t0 = time.perf_counter()
-        with autocast_for(dev, cfg.precision):
-            loss = forward(ids, mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(forward, model, opt, ids, mask, cfg, dev)
         _sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - t0)

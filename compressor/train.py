@@ -33,6 +33,11 @@ _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 # Share of positions the training loss is taken on (the LM head dominates small models).
 _LOSS_FRACTION: dict[str, float] = {"debug": 1.0, "small": 0.25, "base": 1.0, "paper": 1.0}
 
+
+def loss_fraction_for(preset: str, loss_fraction: float | None = None) -> float:
+    """``loss_fraction`` when given, else the share of positions ``preset`` trains on."""
+    return _LOSS_FRACTION.get(preset, 1.0) if loss_fraction is None else loss_fraction
+
 # How the position tables start (Compressor.reset_parameters): sinusoids take a model that
 # learns to reconstruct off the unigram plateau sooner (paper on one H100: 74% val TRA at
 # step 10,000 instead of 63.5%), but slow the CPU presets, which stay bags of tokens
@@ -128,7 +133,7 @@ def train_compressor(
     cfg = train_cfg or default_train_config(preset)
     torch_seed_model(cfg.seed)
     model = build_compressor(preset, train_data, **(overrides or {}))
-    fraction = _LOSS_FRACTION.get(preset, 1.0) if loss_fraction is None else loss_fraction
+    fraction = loss_fraction_for(preset, loss_fraction)
     return train(
         model,
         sampled_loss_fn(fraction),
