@@ -36,8 +36,8 @@ from typing import Any
 import filelock
 import numpy as np
 import torch
-from cir.data.shards import read_manifest
-from cir.router.registry import ExpertExistsError, ExpertInfo, Registry, RegistryError, sha256_file
+from cir.data.shards import read_manifest, shard_problems
+from cir.router.registry import ExpertInfo, Registry, RegistryError, sha256_file
 from cir.router.routing import DEFAULT_LOSS_MARGIN, DEFAULT_MARGIN, DEFAULT_QUANTILE, calibrate
 
 # LM training settings per preset (the compressor has its own in cir.compressor.train).
@@ -180,14 +180,11 @@ def _worth_resuming(work: Path) -> bool:
 
 
 def _dataset_ok(data_dir: Path, tokenizer_sha: str | None) -> bool:
-    """Whether an interrupted mount's corpus can be reused (a torn one is built again)."""
-    from cir.data.shards import shard_problems
-
-    if not (data_dir / "manifest.json").is_file():
-        return False
+    """Whether an interrupted mount's corpus can be reused (a missing or torn one is built
+    again)."""
     try:
         manifest = read_manifest(data_dir)
-    except ValueError:
+    except (OSError, ValueError):
         return False
     if any(shard_problems(data_dir, split, manifest) for split in manifest["splits"]):
         return False
@@ -290,9 +287,7 @@ def mount(
     """Build, train, calibrate and register expert ``name`` from ``source``."""
     cfg = cfg or MountConfig()
     work = registry.work_dir(name)
-    if name in registry:
-        raise ExpertExistsError(f"an expert named {name!r} is already mounted (unmount it first)")
-    registry.check_free(name)  # before training: the name's path may be taken otherwise
+    registry.check_free(name)  # before training: mounted, or the name's path taken otherwise
     check_chunk_len(registry, name, cfg)
     work.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -305,8 +300,7 @@ def mount(
 def _mount_locked(
     registry: Registry, name: str, source: Any, cfg: MountConfig, work: Path, emit: Event
 ) -> MountResult:
-    if name in registry:  # finished by a concurrent mount while we waited
-        raise ExpertExistsError(f"an expert named {name!r} is already mounted")
+    registry.check_free(name)  # a concurrent mount may have finished while we waited
     check_chunk_len(registry, name, cfg)  # another mount may have finished meanwhile
     registry.cleanup()
     resumed = work.exists()

@@ -395,7 +395,7 @@ class Registry:
         """``ExpertExistsError`` when ``REGISTRY/name`` is taken: by a mounted expert, or by
         anything else (the registry tokenizer, a directory left without its meta.json)."""
         if name in self:
-            raise ExpertExistsError(f"an expert named {name!r} is already mounted")
+            raise ExpertExistsError(f"an expert named {name!r} is already mounted (unmount it first)")
         if os.path.lexists(self.root / name):
             raise ExpertExistsError(
                 f"{self.root / name} exists but is not a mounted expert (no readable "
