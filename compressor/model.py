@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,12 @@ class CompressorConfig:
     d_ff: int = 2048
     dropout: float = 0.0
     norm_eps: float = 1e-5
+    # 0: the decoder reads the encoder's latents (the paper's). N > 0: a discrete
+    # bottleneck of log2(N) bits: the encoder picks one of N learned codes, each a latent
+    # set and an output shift, and the decoder reads that code (Compressor.reconstruct)
+    n_codes: int = 0
+    # how soft a chunk's training share between codes is, in nats per token (_code_loss)
+    code_temperature: float = 0.01
 
     presets: ClassVar[dict[str, dict[str, Any]]]
 
@@ -67,6 +73,10 @@ class CompressorConfig:
             (self.d_ff > 0, f"d_ff must be > 0, got {self.d_ff}"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}"),
+            (self.n_codes >= 0 and self.n_codes != 1,
+             f"n_codes must be 0 (continuous latents) or >= 2, got {self.n_codes}"),
+            (self.code_temperature > 0,
+             f"code_temperature must be > 0, got {self.code_temperature}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -93,7 +103,11 @@ class CompressorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressorConfig:
-        """Strict: unknown or missing fields are an error naming them."""
+        """Strict: unknown or missing fields are an error naming them; the fields added
+        later (``n_codes``, ``code_temperature``) take their defaults in a config saved
+        before them."""
+        if isinstance(data, dict):
+            data = {"n_codes": 0, "code_temperature": 0.01, **data}
         return config_from_dict(cls, data)
 
 
@@ -195,6 +209,11 @@ class Compressor(nn.Module):
         self.decoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_dec_layers))
         self.dec_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.n_codes:
+            self.code_head = nn.Linear(cfg.n_latents * d, cfg.n_codes, bias=False)
+            self.codebook = nn.Parameter(torch.zeros(cfg.n_codes, cfg.n_latents, d))
+            # each code's own shift of the output distribution (starts at zero)
+            self.code_bias = nn.Parameter(torch.zeros(cfg.n_codes, cfg.vocab_size))
         self.reset_parameters(position_init)
 
     def reset_parameters(self, position_init: str = "sinusoid") -> None:
@@ -218,7 +237,7 @@ class Compressor(nn.Module):
         d = self.config.d_model
         sinusoidal = ("enc_pos", "pos_queries") if position_init == "sinusoid" else ()
         stds = {"tok_emb.weight": d**-0.5, "latent_queries": 0.02, "enc_pos": 0.02,
-                "pos_queries": 0.02}
+                "pos_queries": 0.02, "codebook": 1.0}  # codes at the scale of enc_norm's z
         for name, p in self.named_parameters():
             if p.dim() < 2 or name in sinusoidal:
                 continue  # LayerNorm weights/biases keep their defaults
@@ -244,6 +263,22 @@ class Compressor(nn.Module):
             x = block(x, key_mask)
         return self.enc_norm(x[:, :L])  # [B, L, D]
 
+    def code_choice(self, z: torch.Tensor) -> torch.Tensor:
+        """Log-weights ``[B, C]`` (fp32) the encoder gives each code for latents ``z``."""
+        return F.log_softmax(self.code_head(z.flatten(1)).float(), dim=-1)
+
+    def reconstruct(self, z: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, seq_len or P, V]`` of the reconstruction from latents ``z``: the
+        decoder reads ``z`` itself, or with ``n_codes`` the code the encoder weighs highest
+        (its latent set, plus its output shift). A chunk then reconstructs only as one of
+        ``n_codes`` prototypes of the training domain, so an input unlike that domain
+        cannot steer the decoder towards itself (docs/results/cpu-compressor.md)."""
+        if not self.config.n_codes:
+            return self.decode(z, positions)
+        pick = self.code_choice(z).argmax(-1)  # [B]
+        logits = self.decode(self.codebook[pick].to(z.dtype), positions)
+        return logits + self.code_bias[pick][:, None, :].to(logits.dtype)
+
     def decode(self, z: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Latents ``z [B, L, D]`` -> logits ``[B, seq_len, V]``; sees nothing but z.
 
@@ -259,13 +294,23 @@ class Compressor(nn.Module):
 
     def forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | CodeLogits:
         """Reconstruction logits ``[B, T, V]`` for ``ids, mask [B, T]`` (``[B, P, V]`` at
-        ``positions [P]`` when given: cheaper training, the head being the largest matmul)."""
+        ``positions [P]`` when given: cheaper training, the head being the largest matmul).
+
+        With ``n_codes``, in training: ``CodeLogits``, every code's reconstruction and the
+        encoder's weights over them, for ``loss_fn``'s code loss."""
         z = self.encode(ids, mask)
+        T = ids.shape[1]
+        if self.config.n_codes and self.training:
+            # the decoder reads nothing but its input: one pass per code serves the batch
+            per_code = self.decode(self.codebook.to(z.dtype), positions)
+            per_code = per_code + self.code_bias[:, None, :].to(per_code.dtype)
+            return CodeLogits(per_code if positions is not None else per_code[:, :T],
+                              self.code_choice(z), self.config.code_temperature)
         if positions is not None:
-            return self.decode(z, positions)
-        return self.decode(z)[:, : ids.shape[1]]
+            return self.reconstruct(z, positions)
+        return self.reconstruct(z)[:, :T]
 
     def default_score_batch(self) -> int:
         """Chunks per scoring pass so that one pass's fp32 logits stay near 512 MiB on a
@@ -308,7 +353,7 @@ class Compressor(nn.Module):
     def _score_batch(self, ids: torch.Tensor, mask: torch.Tensor, latents: bool) -> ChunkScores:
         mask = mask.bool()
         z = self.encode(ids, mask)  # [B, L, D]
-        logits = self.decode(z)[:, : ids.shape[1]].float()  # [B, T, V]
+        logits = self.reconstruct(z)[:, : ids.shape[1]].float()  # [B, T, V]
         # flat rows: the [B, V, T] layout of a transposed call is several times slower on CPU
         ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
         # the first maximum, as argmax, which is slower on CPU than max over the same dim
@@ -342,6 +387,14 @@ class Compressor(nn.Module):
         return 6.0 * ((layers + attn) * S / c.seq_len + head)
 
 
+class CodeLogits(NamedTuple):
+    """A discrete-bottleneck compressor's training output (``n_codes`` codes)."""
+
+    per_code: torch.Tensor  # [C, T, V] logits of each code's reconstruction
+    choice: torch.Tensor  # [B, C] the encoder's log-weights over the codes (fp32)
+    temperature: float = 0.01  # nats per token: how soft a chunk's share between codes is
+
+
 def loss_fn(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -350,14 +403,61 @@ def loss_fn(
 
 
 def _reconstruction_loss(
-    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    logits: torch.Tensor | CodeLogits, ids: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if isinstance(logits, CodeLogits):
+        return _code_loss(logits, ids, mask)
     logits = logits.float()  # [B, T, V]
     target = ids.masked_fill(~mask, -100)  # [B, T]
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
     with torch.no_grad():
         tra = ((logits.argmax(-1) == ids) & mask).sum() / mask.sum()  # no dynamic shapes
     return loss, {"tra": tra, "n_targets": mask.sum()}
+
+
+def balanced_shares(scores: torch.Tensor, iters: int = 3) -> torch.Tensor:
+    """Soft assignments ``[B, C]`` of ``B`` chunks to ``C`` codes from ``scores`` (log
+    weights), rows summing to one and each code taking an equal part of the batch
+    (Sinkhorn-Knopp iterations, as in SwAV): codes that still reconstruct alike get
+    different chunks, so they part instead of one code taking every chunk."""
+    q = torch.exp(scores - scores.max())  # [B, C]
+    B, C = q.shape
+    for _ in range(iters):
+        q = q / q.sum(0, keepdim=True).clamp(min=1e-30) * (B / C)
+        q = q / q.sum(1, keepdim=True).clamp(min=1e-30)
+    return q
+
+
+def _code_loss(
+    out: CodeLogits, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training of a discrete bottleneck: balanced soft clustering of chunks by how well
+    each code reconstructs them, and an encoder that learns to name the best code.
+
+    Per chunk, ``CE [B, C]`` is its mean per-token cross-entropy under every code. Shares
+    ``r = balanced_shares(-CE / temperature)`` (no gradient) split the batch evenly
+    between the codes, so codes that still reconstruct alike get different chunks and
+    part, where free shares would hand every chunk to whichever code learned the unigram
+    first; each code learns its share (``sum_c r_c CE_c``, token-weighted over chunks).
+    The encoder learns to pick ``argmin_c CE`` (cross-entropy on its log-weights), the
+    code scoring then uses. The returned value (and TRA) is the picked code's
+    reconstruction, the figure ``score`` reports; its gradient is the objective's."""
+    logp = F.log_softmax(out.per_code.float(), dim=-1)  # [C, T, V]
+    T = ids.shape[1]
+    tok = logp[:, torch.arange(T, device=ids.device)[None, :], ids]  # [C, B, T]
+    n_chunk = mask.sum(-1)  # [B]
+    ce = -(tok * mask).sum(-1).T / n_chunk.clamp(min=1)[:, None]  # [B, C]
+    share = balanced_shares(-ce.detach() / out.temperature)  # [B, C]
+    weight = n_chunk / n_chunk.sum().clamp(min=1)  # token-weighted over chunks
+    recon = ((share * ce).sum(-1) * weight).sum()
+    choice = F.nll_loss(out.choice, ce.detach().argmin(-1))  # pick the best code
+    with torch.no_grad():
+        pick = out.choice.argmax(-1)  # [B]
+        picked_ce = (ce.gather(1, pick[:, None])[:, 0] * weight).sum()
+        picked = out.per_code.argmax(-1)[pick]  # [B, T]
+        tra = ((picked == ids) & mask).sum() / mask.sum()
+    objective = recon + choice
+    return objective - objective.detach() + picked_ce, {"tra": tra, "n_targets": mask.sum()}
 
 
 def sampled_loss_fn(fraction: float) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
