@@ -57,3 +57,35 @@ class ArrayChunks:
 
     def get_batch(self, idx):
         return torch.as_tensor(self.ids[idx], dtype=torch.long), torch.as_tensor(self.mask[idx])
+
+
+class PaddedChunks:
+    """In-memory chunks ``ids [n, seq_len]`` whose chunk i holds its first ``lengths[i]``
+    tokens, the rest padding; subclasses fill ``ids``, ``lengths`` and ``seq_len``."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    seq_len: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get_batch(self, idx):
+        mask = torch.as_tensor(np.arange(self.seq_len)[None, :] < self.lengths[idx][:, None])
+        ids = torch.as_tensor(self.ids[idx], dtype=torch.long).masked_fill(~mask, 0)
+        return ids, mask
+
+
+class Halves(PaddedChunks):
+    """Chunks drawn uniformly from one of two disjoint sub-vocabularies (tokens 2..49 or
+    50..97): every chunk from ``half`` when given, else alternately from each (``.half``
+    says which). Lengths vary, so some chunks end in padding; ``empty`` chunks hold none."""
+
+    def __init__(self, n: int, seq_len: int = 32, vocab: int = 512, seed: int = 0,
+                 half: int | None = None, empty: tuple[int, ...] = ()) -> None:
+        rng = np.random.default_rng(seed)
+        self.seq_len, self.vocab_size = seq_len, vocab
+        self.half = np.arange(n) % 2 if half is None else np.full(n, half)
+        self.ids = 2 + 48 * self.half[:, None] + rng.integers(0, 48, size=(n, seq_len))
+        self.lengths = rng.integers(seq_len // 2, seq_len + 1, size=n)
+        self.lengths[list(empty)] = 0

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _toy import Halves
 from cir.compressor.model import (
     CodeLogits,
     Compressor,
@@ -24,26 +25,6 @@ from cir.compressor.train import default_train_config, train_compressor
 from safetensors.torch import load_file
 
 from cir.checkpoint import load_checkpoint
-
-
-class Halves:
-    """Chunks drawn uniformly from one of two disjoint sub-vocabularies (tokens 2..49 or
-    50..97), half of them each; lengths vary, so some chunks end in padding."""
-
-    def __init__(self, n: int, seq_len: int = 32, vocab: int = 512, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        self.seq_len, self.vocab_size = seq_len, vocab
-        self.half = np.arange(n) % 2
-        self.ids = 2 + 48 * self.half[:, None] + rng.integers(0, 48, size=(n, seq_len))
-        self.lengths = rng.integers(seq_len // 2, seq_len + 1, size=n)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def get_batch(self, idx):
-        mask = torch.as_tensor(np.arange(self.seq_len)[None, :] < self.lengths[idx][:, None])
-        ids = torch.as_tensor(self.ids[idx], dtype=torch.long).masked_fill(~mask, 0)
-        return ids, mask
 
 
 def test_code_fields_are_checked_and_default_in_older_configs():

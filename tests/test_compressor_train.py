@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _toy import PaddedChunks
 from cir.cli.main import app
 from cir.compressor.bench import bench_scoring, bench_training
 from cir.compressor.evaluate import auroc, auroc_table, evaluate, rows_to_markdown
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 from cir.checkpoint import load_checkpoint
 
 
-class Chunks:
+class Chunks(PaddedChunks):
     """In-memory chunks with a learnable structure: each chunk cycles through a short
     random motif of token ids; lengths vary so the tail is padding."""
 
@@ -32,14 +33,6 @@ class Chunks:
             motifs = rng.integers(2, 20, size=(n, 2))  # a small sub-vocabulary
             self.ids = motifs[:, np.arange(seq_len) % 2]
         self.lengths = rng.integers(seq_len // 2, seq_len + 1, size=n)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def get_batch(self, idx):
-        mask = torch.as_tensor(np.arange(self.seq_len)[None, :] < self.lengths[idx][:, None])
-        ids = torch.as_tensor(self.ids[idx], dtype=torch.long).masked_fill(~mask, 0)
-        return ids, mask
 
 
 def _cfg(**kw):

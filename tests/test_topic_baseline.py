@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
+from _toy import Halves
 from cir.cli.main import app
 from cir.compressor.evaluate import (
     EvalRow,
@@ -22,31 +22,12 @@ from cir.compressor.evaluate import (
 from typer.testing import CliRunner
 
 
-class Halves:
-    """Chunks drawn uniformly from one of two disjoint sub-vocabularies (tokens 2..49 or
-    50..97); ``half`` picks one for every chunk, else each chunk picks at random. Lengths
-    vary, so some chunks end in padding; ``empty`` chunks hold no tokens."""
-
-    def __init__(self, n: int, seq_len: int = 64, vocab: int = 128, seed: int = 0,
-                 half: int | None = None, empty: tuple[int, ...] = ()) -> None:
-        rng = np.random.default_rng(seed)
-        self.seq_len, self.vocab_size = seq_len, vocab
-        halves = rng.integers(0, 2, n) if half is None else np.full(n, half)
-        self.ids = 2 + 48 * halves[:, None] + rng.integers(0, 48, size=(n, seq_len))
-        self.lengths = rng.integers(seq_len // 2, seq_len + 1, size=n)
-        self.lengths[list(empty)] = 0
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def get_batch(self, idx):
-        mask = torch.as_tensor(np.arange(self.seq_len)[None, :] < self.lengths[idx][:, None])
-        ids = torch.as_tensor(self.ids[idx], dtype=torch.long).masked_fill(~mask, 0)
-        return ids, mask
+def _halves(n: int, **kw) -> Halves:
+    return Halves(n, seq_len=64, vocab=128, **kw)
 
 
 def test_chunk_bags_count_each_chunks_tokens_in_scoring_order():
-    data = Halves(30, seed=1, empty=(3, 7))
+    data = _halves(30, seed=1, empty=(3, 7))
     bags = chunk_bags(data, 128, max_chunks=20, batch=6)  # batching must not matter
     idx = [i for i in np.unique(np.linspace(0, 29, 20).round().astype(int)) if data.lengths[i]]
     want = np.stack([np.bincount(data.ids[i, : data.lengths[i]], minlength=128) for i in idx])
@@ -54,7 +35,7 @@ def test_chunk_bags_count_each_chunks_tokens_in_scoring_order():
 
 
 def test_one_topic_is_the_add_one_unigram():
-    train, data = Halves(80, seed=2), Halves(30, seed=3, empty=(4,))
+    train, data = _halves(80, seed=2), _halves(30, seed=3, empty=(4,))
     model = TopicModel.fit(train, 128, n_topics=1)
     np.testing.assert_allclose(model.topics[0], np.exp(unigram_logprobs(train, 128)), rtol=1e-9)
     np.testing.assert_allclose(model.chunk_loss(data, max_chunks=25),
@@ -65,7 +46,7 @@ def test_one_topic_is_the_add_one_unigram():
 def test_topics_adapt_to_each_chunks_vocabulary():
     """Trained on both halves, a unigram spreads its mass over 96 tokens; two topics find
     the halves, and each chunk's mixture puts its mass on the 48 tokens it draws from."""
-    train, data = Halves(400, seed=4), Halves(50, seed=5, half=1)
+    train, data = _halves(400, seed=4), _halves(50, seed=5, half=1)
     uni = unigram_chunk_loss(unigram_logprobs(train, 128), data).mean()
     two = TopicModel.fit(train, 128, n_topics=2).chunk_loss(data).mean()
     assert uni == pytest.approx(math.log(96), abs=0.1)
@@ -73,8 +54,8 @@ def test_topics_adapt_to_each_chunks_vocabulary():
 
 
 def test_topic_auroc_table_scores_the_rows_chunks():
-    train = Halves(200, seed=6, half=0)
-    sets = {"id": Halves(40, seed=7, half=0), "ood": Halves(40, seed=8, half=1)}
+    train = _halves(200, seed=6, half=0)
+    sets = {"id": _halves(40, seed=7, half=0), "ood": _halves(40, seed=8, half=1)}
     rows = [EvalRow(name, len(d), 0, 0, 0, 0, chunk_loss=np.zeros(len(d)))
             for name, d in sets.items()]
     table = topic_auroc_table(rows, sets, train, 128, n_topics=2)
