@@ -392,6 +392,8 @@ def bench_train_cmd(
                                         "(0: the preset's default)."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA) | fp32 | bf16"),
     peak_tflops: float = typer.Option(989.0, help="The chip's dense bf16 peak, for MFU."),
+    set_: list[str] = typer.Option([], "--set", help="Model config override key=value "
+                                   "(e.g. n_codes=8), as in `compressor train`."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Training throughput (tokens/s, MFU on CUDA) of a compressor preset on this machine.
@@ -400,8 +402,13 @@ def bench_train_cmd(
     clipping, the optimizer step; on random weights and full random chunks.
     Example: route-cli bench compressor-train --preset paper --device cuda
     --compile default --compile max-autotune-no-cudagraphs --optimizer adamw --optimizer muon
+
+    The step of `small` against the same with 8 codes: route-cli bench compressor-train
+    --repeats 20; then the same with --set n_codes=8
     """
     from cir.compressor.bench import bench_training
+
+    overrides = parse_overrides(set_)
 
     runs = [(c, o) for c in compile_mode for o in optimizer]
     results = []
@@ -413,12 +420,13 @@ def bench_train_cmd(
                 preset, batch_size=batch_size or None, repeats=repeats, warmup=warmup,
                 device=device, compile=comp, optimizer=opt,
                 loss_fraction=loss_fraction or None, precision=precision,
-                peak_tflops=peak_tflops))
+                peak_tflops=peak_tflops, **overrides))
             bar.advance(task)
     if as_json:
         print_json([r.to_dict() for r in results])
         return
-    table = Table(title=f"compressor training throughput ({preset}, random weights)")
+    changed = "".join(f", {k}={v}" for k, v in overrides.items())
+    table = Table(title=f"compressor training throughput ({preset}{changed}, random weights)")
     cols = ("compile", "optimizer", "device", "batch", "loss on", "median s/step", "tokens/s",
             "MFU", "peak GiB")
     for col in cols:

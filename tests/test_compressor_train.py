@@ -149,6 +149,12 @@ def test_cli_bench_training_json():
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert [r["optimizer"] for r in out] == ["adamw", "muon"] and out[0]["tokens_per_s"] > 0
+    coded = CliRunner().invoke(app, ["bench", "compressor-train", "--preset", "debug",
+                                     "--repeats", "1", "--warmup", "0", "--batch-size", "2",
+                                     "--set", "n_codes=4", "--json"])
+    assert coded.exit_code == 0, coded.output
+    # the codes' parameters: a [4, L, D] codebook, a [L * D, 4] head, a [4, V] output shift
+    assert json.loads(coded.stdout)[0]["params"] == out[0]["params"] + 4 * (4 * 32 + 4 * 32 + 512)
 
 
 def test_cli_bench_json():
