@@ -64,9 +64,9 @@ def train_cmd(
     Example: route-cli compressor train --data python-code --out runs/cmp --preset small
 
     A 3-bit discrete bottleneck, which separates code from Python docs better than the
-    unigram within 15 CPU minutes (docs/results/cpu-compressor.md):
+    unigram in 4 minutes of 2 CPU cores (docs/results/cpu-compressor.md):
     route-cli compressor train --data python-code --out runs/codes --preset small
-    --steps 3000 --lr 1e-2 --set n_codes=8
+    --steps 1450 --lr 6e-3 --set n_codes=8
 
     Several corpora built with one tokenizer, sampled in proportion to their chunks:
     route-cli compressor train --data python-code --data my-code --out runs/cmp2
