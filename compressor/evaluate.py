@@ -249,11 +249,16 @@ def unigram_auroc_table(
     unigram model of the in-domain (first) dataset's training split. A compressor earns
     its keep as a router where its AUROC beats this bag-of-tokens one."""
     logp = unigram_logprobs(train_data, vocab_size)
-    base = [
-        dataclasses.replace(r, chunk_loss=unigram_chunk_loss(logp, datasets[r.name], max_chunks))
-        for r in rows
-    ]
-    return auroc_table(base)
+    return _rescored_auroc_table(rows, datasets,
+                                 lambda data: unigram_chunk_loss(logp, data, max_chunks))
+
+
+def _rescored_auroc_table(rows: list[EvalRow], datasets: dict[str, Any],
+                          chunk_loss: Callable[[Any], np.ndarray]) -> dict[str, float]:
+    """``auroc_table`` of ``rows`` with each row's chunk losses replaced by a baseline's,
+    ``chunk_loss(dataset)`` (aligned with the rows' chunks)."""
+    return auroc_table([dataclasses.replace(r, chunk_loss=chunk_loss(datasets[r.name]))
+                        for r in rows])
 
 
 def chunk_bags(data: Any, vocab_size: int, max_chunks: int | None = None,
@@ -267,10 +272,10 @@ def chunk_bags(data: Any, vocab_size: int, max_chunks: int | None = None,
     for start in range(0, len(idx), batch):
         ids, mask = data.get_batch(idx[start : start + batch])
         m = mask.bool().numpy()
-        rows, cols = np.nonzero(m[m.any(1)])
-        parts.append(sp.csr_matrix(
-            (np.ones(len(rows)), (rows, ids.numpy()[m.any(1)][rows, cols])),
-            shape=(int(m.any(1).sum()), vocab_size)))
+        keep = m.any(1)  # chunks with tokens
+        rows, cols = np.nonzero(m[keep])
+        parts.append(sp.csr_matrix((np.ones(len(rows)), (rows, ids.numpy()[keep][rows, cols])),
+                                   shape=(int(keep.sum()), vocab_size)))
     return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, vocab_size))
 
 
@@ -319,9 +324,7 @@ def topic_auroc_table(
     unigram baseline is its one-topic case): how far a bag-of-tokens compressor that
     adapts to its input through ``n_topics`` weights separates the rows."""
     model = TopicModel.fit(train_data, vocab_size, n_topics, seed=seed)
-    base = [dataclasses.replace(r, chunk_loss=model.chunk_loss(datasets[r.name], max_chunks))
-            for r in rows]
-    return auroc_table(base)
+    return _rescored_auroc_table(rows, datasets, lambda data: model.chunk_loss(data, max_chunks))
 
 
 def rows_to_markdown(

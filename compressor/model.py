@@ -107,7 +107,9 @@ class CompressorConfig:
         later (``n_codes``, ``code_temperature``) take their defaults in a config saved
         before them."""
         if isinstance(data, dict):
-            data = {"n_codes": 0, "code_temperature": 0.01, **data}
+            later = {f.name: f.default for f in dataclasses.fields(cls)
+                     if f.name in ("n_codes", "code_temperature")}
+            data = {**later, **data}
         return config_from_dict(cls, data)
 
 
@@ -392,7 +394,7 @@ class CodeLogits(NamedTuple):
 
     per_code: torch.Tensor  # [C, T, V] logits of each code's reconstruction
     choice: torch.Tensor  # [B, C] the encoder's log-weights over the codes (fp32)
-    temperature: float = 0.01  # nats per token: how soft a chunk's share between codes is
+    temperature: float  # nats per token: how soft a chunk's share between codes is
 
 
 def loss_fn(
