@@ -16,11 +16,11 @@ index_app = typer.Typer(help="A faiss index over the experts' training latents."
                         no_args_is_help=True)
 
 
-def _pairs(items: list[str], what: str = "--data") -> dict[str, str]:
+def _pairs(items: list[str], what: str = "--data", form: str = "EXPERT=DATASET") -> dict[str, str]:
     out = {}
     for item in items:
         if "=" not in item:
-            fail(f"{what} expects EXPERT=DATASET, got {item!r}")
+            fail(f"{what} expects {form}, got {item!r}")
         key, value = item.split("=", 1)
         out[key] = value
     return out
@@ -331,16 +331,35 @@ def explain_cmd(
 # ---------------------------------------------------------------- bench routing
 
 
-def _bench_domains(registry: Path | None, data: list[str], with_lm: bool) -> Any:
+def _bench_domains(registry: Path | None, data: list[str], with_lm: bool,
+                   compressors: list[str], device: str) -> Any:
+    """``{domain: DomainModels}`` of a registry's experts, or of compressor checkpoints
+    (``NAME=CKPT``, each with its ``--data NAME=DATASET``) without LMs."""
+    from cir.checkpoint import check_tokenizer
     from cir.router.analysis import open_eval_dataset, registry_domains
     from cir.router.baselines import DomainModels
 
-    domains = registry_domains(_registry(registry), _pairs(data))
-    out = {}
-    for name, (expert, spec) in domains.items():
-        out[name] = DomainModels(expert.compressor, expert.lm() if with_lm else None,
-                                 open_eval_dataset(spec, "train"),
-                                 open_eval_dataset(spec, "test"))
+    specs = _pairs(data)
+    if not compressors:
+        domains = {name: (expert.compressor, expert.lm() if with_lm else None, spec)
+                   for name, (expert, spec) in registry_domains(_registry(registry),
+                                                                specs).items()}
+        ckpts = {}
+    else:
+        if registry is not None:
+            fail("give either --registry or --compressor NAME=CKPT, not both")
+        ckpts = _pairs(compressors, "--compressor", "NAME=CKPT")
+        if set(ckpts) != set(specs):
+            fail("every --compressor NAME=CKPT needs one --data NAME=DATASET; unpaired: "
+                 + ", ".join(sorted(set(ckpts) ^ set(specs))))
+        domains = {name: (_compressor(Path(ckpt), device), None, specs[name])
+                   for name, ckpt in ckpts.items()}
+    out = {name: DomainModels(comp, lm, open_eval_dataset(spec, "train"),
+                              open_eval_dataset(spec, "test"))
+           for name, (comp, lm, spec) in domains.items()}
+    for ckpt in ckpts.values():  # every compressor scores every domain's chunks
+        for d in out.values():
+            check_tokenizer(ckpt, d.test)
     return out
 
 
@@ -355,6 +374,10 @@ def bench_routing_cmd(
     max_test: int = typer.Option(200, help="Held-out chunks per domain."),
     with_lm: bool = typer.Option(True, "--lm/--no-lm", help="Include likelihood routing "
                                  "(scores every expert LM)."),
+    compressor: list[str] = typer.Option([], "--compressor", help="NAME=CKPT: route among "
+                                         "compressor checkpoints instead of a registry "
+                                         "(no LMs); each with --data NAME=DATASET."),
+    device: str = typer.Option("cpu", help="cpu | cuda (with --compressor)."),
     pooling: str = typer.Option("mean", help="Latent pooling of mahalanobis / knn: flat | mean."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -365,11 +388,15 @@ def bench_routing_cmd(
     with 3+ domains, accuracy after mounting the last).
 
     Example: route-cli bench routing --ood random --max-test 200
+
+    Compressors trained with `compressor train`, without mounting them: route-cli bench
+    routing --compressor code=runs/code --data code=python-code --compressor docs=runs/docs
+    --data docs=python-docs --ood random
     """
     from cir.router.analysis import dataset_label, open_eval_dataset
     from cir.router.baselines import bench_routing
 
-    domains = _bench_domains(registry, data, with_lm)
+    domains = _bench_domains(registry, data, with_lm, compressor, device)
     first = next(iter(domains.values())).compressor
     ood_sets = {dataset_label(name): open_eval_dataset(name, "test", like=first)
                 for name in ood}

@@ -409,7 +409,7 @@ def compute_features(chunks: Chunks, compressors: Sequence[Any], lms: Sequence[A
     ids, mask = chunks.ids, chunks.mask
     jobs: dict[str, Callable[[], Any]] = {
         "recon": lambda: recon_losses(compressors, ids, mask),
-        "emb": lambda: mean_embeddings(reference.tok_emb.weight.detach(), ids, mask),
+        "emb": lambda: mean_embeddings(reference.tok_emb.weight.detach().cpu(), ids, mask),
         "docs": lambda: ids_to_docs(ids, mask),
         "latent": lambda: encode_pooled(reference, ids, mask, pooling),
     }

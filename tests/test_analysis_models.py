@@ -244,6 +244,34 @@ def test_cli_bench_routing(registry, tiny_corpus):
     assert out["mount"] == []  # two domains: no mount experiment
 
 
+def test_cli_bench_routing_on_checkpoints_matches_the_registry(
+        registry, tiny_dataset, tiny_prose_dataset):
+    """The same compressors given as checkpoints route exactly as their registry experts."""
+    args = ["bench", "routing", "--max-train", "30", "--max-test", "10", "--no-lm", "--json"]
+    via_registry = _json(args + ["--registry", str(registry), "--data", f"code={tiny_dataset}",
+                                 "--data", f"prose={tiny_prose_dataset}"])
+    pairs = []
+    for name, data in (("code", tiny_dataset), ("prose", tiny_prose_dataset)):
+        pairs += ["--compressor", f"{name}={registry / name / 'compressor'}",
+                  "--data", f"{name}={data}"]
+    via_ckpts = _json(args + pairs)
+    assert via_ckpts["domains"] == ["code", "prose"]
+    assert via_ckpts["n_test"] == via_registry["n_test"] > 0
+    want = {r["method"]: r for r in via_registry["methods"]}
+    got = {r["method"]: r for r in via_ckpts["methods"]}
+    assert set(got) == set(want) and "likelihood" not in got
+    for method in ("reconstruction", "mahalanobis", "knn-latent", "tfidf-kmeans"):
+        assert got[method]["accuracy"] == want[method]["accuracy"], method
+        assert got[method]["ood"]["random"]["auroc"] == pytest.approx(
+            want[method]["ood"]["random"]["auroc"]), method
+
+    unpaired = runner.invoke(app, ["bench", "routing", *pairs[:4], "--data", "extra=x"])
+    assert unpaired.exit_code != 0 and "unpaired: extra" in unpaired.output
+    both = runner.invoke(app, ["bench", "routing", *pairs, "--registry", str(registry)])
+    assert both.exit_code != 0 and "not both" in both.output
+    bad = runner.invoke(app, ["bench", "routing", "--compressor", "code"])
+    assert bad.exit_code != 0 and "--compressor expects NAME=CKPT" in bad.output
+
 def test_expert_dataset_rebuilds_a_mounted_corpus_from_its_source(
         registry, tiny_corpus, tiny_dataset):
     from types import SimpleNamespace
