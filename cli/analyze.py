@@ -335,9 +335,10 @@ def _bench_domains(registry: Path | None, data: list[str], with_lm: bool,
                    compressors: list[str], device: str) -> Any:
     """``{domain: DomainModels}`` of a registry's experts, or of compressor checkpoints
     (``NAME=CKPT``, each with its ``--data NAME=DATASET``) without LMs."""
-    from cir.checkpoint import check_tokenizer
     from cir.router.analysis import open_eval_dataset, registry_domains
     from cir.router.baselines import DomainModels
+
+    from cir.checkpoint import check_tokenizer
 
     specs = _pairs(data)
     if not compressors:

@@ -347,27 +347,33 @@ def bench_cmd(
     repeats: int = typer.Option(3, help="Timed repeats (the median is reported)."),
     warmup: int = typer.Option(1, help="Untimed passes first."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
+    set_: list[str] = typer.Option([], "--set", help="Model config override key=value "
+                                   "(e.g. n_codes=8), as in `compressor train`."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Scoring throughput (tokens/s) of compressor presets on this machine.
 
     Weights are random: throughput does not depend on their values.
     Example: route-cli bench compressor --preset small --preset paper --batch-size 8
+
+    With 8 codes: route-cli bench compressor --preset small --batch-size 64 --set n_codes=8
     """
     from cir.compressor.bench import bench_scoring
 
+    overrides = parse_overrides(set_)
     results = []
     with progress(disable=as_json) as bar:
         task = bar.add_task("bench", total=len(preset), info="")
         for name in preset:
             bar.update(task, info=name)
             results.append(bench_scoring(name, batch_size=batch_size, repeats=repeats,
-                                         warmup=warmup, device=device))
+                                         warmup=warmup, device=device, **overrides))
             bar.advance(task)
     if as_json:
         print_json([r.to_dict() for r in results])
         return
-    table = Table(title="compressor scoring throughput (random weights)")
+    changed = "".join(f", {k}={v}" for k, v in overrides.items())
+    table = Table(title=f"compressor scoring throughput (random weights{changed})")
     for col in ("preset", "params", "device", "threads", "batch", "median s/batch", "tokens/s"):
         table.add_column(col, justify="left" if col in ("preset", "device") else "right")
     for r in results:

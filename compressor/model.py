@@ -281,6 +281,13 @@ class Compressor(nn.Module):
         logits = self.decode(self.codebook[pick].to(z.dtype), positions)
         return logits + self.code_bias[pick][:, None, :].to(logits.dtype)
 
+    def code_logits(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[C, seq_len or P, V]`` of every code's reconstruction (its latent set,
+        plus its output shift). They do not depend on the input: one decoder pass over the
+        ``n_codes`` codes serves any number of chunks."""
+        per_code = self.decode(self.codebook, positions)
+        return per_code + self.code_bias[:, None, :].to(per_code.dtype)
+
     def decode(self, z: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Latents ``z [B, L, D]`` -> logits ``[B, seq_len, V]``; sees nothing but z.
 
@@ -305,9 +312,7 @@ class Compressor(nn.Module):
         z = self.encode(ids, mask)
         T = ids.shape[1]
         if self.config.n_codes and self.training:
-            # the decoder reads nothing but its input: one pass per code serves the batch
-            per_code = self.decode(self.codebook.to(z.dtype), positions)
-            per_code = per_code + self.code_bias[:, None, :].to(per_code.dtype)
+            per_code = self.code_logits(positions)
             return CodeLogits(per_code if positions is not None else per_code[:, :T],
                               self.code_choice(z), self.config.code_temperature)
         if positions is not None:
@@ -340,26 +345,55 @@ class Compressor(nn.Module):
         self.eval()
         device = next(self.parameters()).device
         bs = batch_size or self.default_score_batch()
+        tables = None
+        if self._use_code_tables(*ids.shape):
+            with autocast_for(device, precision):
+                tables = self._code_tables(ids.shape[1])
         parts = []
         for start in range(0, ids.shape[0], bs):
             sl = slice(start, start + bs)
             with autocast_for(device, precision):
                 parts.append(self._score_batch(ids[sl].to(device), mask[sl].to(device),
-                                               return_latents))
+                                               return_latents, tables))
         self.train(was_training)
         if not parts:
             empty = torch.zeros(0)
             return ChunkScores(empty, empty, empty.long(), empty.long(), None)
         return ChunkScores.cat(parts)
 
-    def _score_batch(self, ids: torch.Tensor, mask: torch.Tensor, latents: bool) -> ChunkScores:
+    # the most memory the per-code tables of one ``score`` call may take
+    CODE_TABLE_BYTES: ClassVar[int] = 1 << 30
+
+    def _use_code_tables(self, n_chunks: int, T: int) -> bool:
+        """Whether ``score`` should decode every code once rather than each chunk's: with
+        ``n_codes``, at least as many chunks as codes, and tables within budget."""
+        C = self.config.n_codes
+        return bool(C) and n_chunks >= C and 4 * C * T * self.config.vocab_size <= self.CODE_TABLE_BYTES
+
+    def _code_tables(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each code's reconstruction over the first ``T`` positions, as scoring needs it:
+        log-probabilities ``[C, T, V]`` (fp32) and the first most likely token ``[C, T]``."""
+        logits = self.code_logits()[:, :T].float()  # [C, T, V]
+        return F.log_softmax(logits, dim=-1), logits.max(-1).indices
+
+    def _score_batch(self, ids: torch.Tensor, mask: torch.Tensor, latents: bool,
+                     tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> ChunkScores:
         mask = mask.bool()
         z = self.encode(ids, mask)  # [B, L, D]
-        logits = self.reconstruct(z)[:, : ids.shape[1]].float()  # [B, T, V]
-        # flat rows: the [B, V, T] layout of a transposed call is several times slower on CPU
-        ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
-        # the first maximum, as argmax, which is slower on CPU than max over the same dim
-        correct = (logits.max(-1).indices == ids) & mask  # [B, T]
+        T = ids.shape[1]
+        if tables is not None:  # a coded model: its C reconstructions are fixed, look them up
+            logp, best = tables  # [C, T, V], [C, T]
+            pick = self.code_choice(z).argmax(-1)[:, None]  # [B, 1]
+            ce = -logp[pick, torch.arange(T, device=ids.device)[None, :], ids]  # [B, T]
+            correct = (best[pick[:, 0]] == ids) & mask  # [B, T]
+        else:
+            logits = self.reconstruct(z)[:, :T].float()  # [B, T, V]
+            # flat rows: the [B, V, T] layout of a transposed call is several times slower
+            # on CPU
+            ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(),
+                                 reduction="none").view_as(ids)
+            # the first maximum, as argmax, which is slower on CPU than max over the same dim
+            correct = (logits.max(-1).indices == ids) & mask  # [B, T]
         n_tokens = mask.sum(1)  # [B]
         n_correct = correct.sum(1)  # [B]
         denom = n_tokens.float()  # 0 for an empty chunk -> NaN scores on purpose

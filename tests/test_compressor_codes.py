@@ -121,6 +121,42 @@ def test_eval_reconstructs_from_the_picked_code_alone():
     torch.testing.assert_close(loss, F.cross_entropy(want[mask], ids[mask]))
 
 
+def test_scoring_looks_codes_up_exactly_as_it_decodes_each_chunk(monkeypatch):
+    """``score`` decodes the C codes once and looks each chunk up; the same figures as
+    decoding every chunk's picked code, with padding, short chunks and few chunks."""
+    torch.manual_seed(0)
+    model = Compressor(CompressorConfig.from_name("debug", n_codes=4), position_init="normal")
+    model.eval()
+    with torch.no_grad():
+        model.code_bias.normal_()
+    ids = torch.randint(2, 512, (11, 20))  # shorter than seq_len 32
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[3, 12:] = False
+    mask[7, 1:] = False
+    ids[~mask] = 0
+    decoded = []
+    orig = Compressor._code_tables
+    monkeypatch.setattr(Compressor, "_code_tables",
+                        lambda self, T: decoded.append(T) or orig(self, T))
+    fast = model.score(ids, mask, batch_size=4)
+    assert decoded == [20]  # one decoder pass over the codes for the whole call
+    with torch.no_grad():
+        logits = model(ids, mask).float()  # eval: each chunk decodes its picked code
+        assert model.code_choice(model.encode(ids, mask)).argmax(-1).unique().numel() > 1
+    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(11, 20)
+    torch.testing.assert_close(fast.loss, (ce * mask).sum(1) / mask.sum(1))
+    want_correct = ((logits.argmax(-1) == ids) & mask).sum(1)
+    assert torch.equal(fast.n_correct, want_correct) and torch.equal(fast.n_tokens, mask.sum(1))
+    few = model.score(ids[:3], mask[:3])  # fewer chunks than codes: decoded per chunk
+    assert decoded == [20]
+    torch.testing.assert_close(few.loss, fast.loss[:3])
+    monkeypatch.setattr(Compressor, "CODE_TABLE_BYTES", 0)  # tables over budget: per chunk
+    slow = model.score(ids, mask)
+    assert decoded == [20]
+    torch.testing.assert_close(slow.loss, fast.loss)
+    assert torch.equal(slow.n_correct, fast.n_correct)
+
+
 def test_codes_learn_the_clusters_of_their_domain(tmp_path):
     """Two codes on chunks from two disjoint vocabularies: each half gets its own code,
     whose reconstruction spreads over that half's 48 tokens (log 48 nats, against the
