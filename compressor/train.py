@@ -19,8 +19,10 @@ from cir.train import TrainConfig, TrainResult, train
 _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "debug": dict(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=20,
                   ckpt_every=20, log_every=5),
-    # at most 15 minutes on 2 CPU cores (loss on a quarter of the positions)
-    "small": dict(steps=2000, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=500,
+    # about 5 minutes on 2 CPU cores (loss on a quarter of the positions). 1,000 steps and
+    # not more: longer runs adapt to any input and route worse (4 domains: 95.6% of held-out
+    # chunks after 1,000 steps, 93.5% after 2,000; docs/results/cpu-compressor.md, "Routing")
+    "small": dict(steps=1000, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=500,
                   ckpt_every=100, log_every=10, weight_decay=0.0),
     "base": dict(steps=20_000, batch_size=64, lr=6e-4, warmup_steps=500),
     # the recipe of the GPU runs (docs/results/gpu-tra.md): constant 5e-4 after a short
@@ -41,7 +43,7 @@ def loss_fraction_for(preset: str, loss_fraction: float | None = None) -> float:
 # How the position tables start (Compressor.reset_parameters): sinusoids take a model that
 # learns to reconstruct off the unigram plateau sooner (paper on one H100: 74% val TRA at
 # step 10,000 instead of 63.5%), but slow the CPU presets, which stay bags of tokens
-# within their budget (small: val CE 6.24 instead of 5.95 after its 2,000 steps).
+# within their budget (small: val CE 6.24 instead of 5.95 after 2,000 steps).
 POSITION_INIT: dict[str, str] = {"debug": "normal", "small": "normal", "base": "sinusoid",
                                  "paper": "sinusoid"}
 
