@@ -422,6 +422,17 @@ class Compressor(nn.Module):
         head = d * c.vocab_size * loss_fraction
         return 6.0 * ((layers + attn) * S / c.seq_len + head)
 
+    def scoring_flops(self) -> float:
+        """Forward FLOPs to score one full chunk (matmuls and attention, as
+        ``flops_per_token``). With ``n_codes``, the encoder and the code head alone: the
+        codes' reconstructions are decoded once per ``score`` call and only looked up."""
+        c = self.config
+        if not c.n_codes:
+            return self.flops_per_token() / 3.0 * c.seq_len  # forward = training / 3
+        d, S = c.d_model, c.seq_len + c.n_latents
+        per_position = 4 * d * d + 2 * d * c.d_ff + 2 * S * d  # one layer: matmuls, attention
+        return 2.0 * (c.n_enc_layers * per_position * S + c.n_latents * d * c.n_codes)
+
 
 class CodeLogits(NamedTuple):
     """A discrete-bottleneck compressor's training output (``n_codes`` codes)."""

@@ -492,11 +492,10 @@ def flops_per_chunk(method: str, compressors: Sequence[Any], lms: Sequence[Any] 
         return None
     c0 = compressors[0]
     seq = c0.config.seq_len
-    fwd = [c.flops_per_token() / 3.0 * seq for c in compressors]  # forward = training / 3
     enc_share = c0.config.n_enc_layers / (c0.config.n_enc_layers + c0.config.n_dec_layers)
-    encoder = fwd[0] * enc_share  # encoder only, head excluded roughly
+    encoder = c0.flops_per_token() / 3.0 * seq * enc_share  # encoder only, head excluded roughly
     table: dict[str, float | None] = {
-        "reconstruction": float(sum(fwd)),
+        "reconstruction": float(sum(c.scoring_flops() for c in compressors)),
         "likelihood": (float(sum(2.0 * sum(p.numel() for p in m.parameters()) * seq
                                  for m in lms)) if lms else None),
         "gate-emb": 2.0 * c0.config.d_model * n_domains,

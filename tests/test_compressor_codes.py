@@ -157,6 +157,22 @@ def test_scoring_looks_codes_up_exactly_as_it_decodes_each_chunk(monkeypatch):
     assert torch.equal(slow.n_correct, fast.n_correct)
 
 
+def test_scoring_flops_of_a_coded_model_are_its_encoders():
+    from cir.router.baselines import flops_per_chunk
+
+    plain = Compressor(CompressorConfig.from_name("small"))
+    coded = Compressor(CompressorConfig.from_name("small", n_codes=8))
+    c = plain.config
+    assert plain.scoring_flops() == pytest.approx(plain.flops_per_token() / 3 * c.seq_len)
+    S = c.seq_len + c.n_latents
+    one_layer = 2 * S * (4 * c.d_model**2 + 2 * c.d_model * c.d_ff + 2 * S * c.d_model)
+    assert coded.scoring_flops() == pytest.approx(c.n_enc_layers * one_layer, rel=1e-3)
+    # small: the decoder and the LM head over 8192 tokens are 3/4 of a plain chunk's cost
+    assert coded.scoring_flops() < plain.scoring_flops() / 4
+    both = flops_per_chunk("reconstruction", [plain, coded], None, 10, 2, 64)
+    assert both == pytest.approx(plain.scoring_flops() + coded.scoring_flops())
+
+
 def test_codes_learn_the_clusters_of_their_domain(tmp_path):
     """Two codes on chunks from two disjoint vocabularies: each half gets its own code,
     whose reconstruction spreads over that half's 48 tokens (log 48 nats, against the
