@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +246,7 @@ def test_cli_bench_routing(registry, tiny_corpus):
 
 
 def test_cli_bench_routing_on_checkpoints_matches_the_registry(
-        registry, tiny_dataset, tiny_prose_dataset):
+        registry, tiny_dataset, tiny_prose_dataset, tmp_path):
     """The same compressors given as checkpoints route exactly as their registry experts."""
     args = ["bench", "routing", "--max-train", "30", "--max-test", "10", "--no-lm", "--json"]
     via_registry = _json(args + ["--registry", str(registry), "--data", f"code={tiny_dataset}",
@@ -271,6 +272,12 @@ def test_cli_bench_routing_on_checkpoints_matches_the_registry(
     assert both.exit_code != 0 and "not both" in both.output
     bad = runner.invoke(app, ["bench", "routing", "--compressor", "code"])
     assert bad.exit_code != 0 and "--compressor expects NAME=CKPT" in bad.output
+    retok = shutil.copytree(registry / "code" / "compressor", tmp_path / "retok")
+    tok = retok / "tokenizer.json"  # the same vocabulary in another file: another sha256
+    tok.write_text(json.dumps(json.loads(tok.read_text()), indent=1))
+    other = runner.invoke(app, ["bench", "routing", "--compressor", f"code={retok}",
+                                *pairs[2:]])
+    assert other.exit_code == 2 and "another tokenizer" in other.output, other.output
 
 def test_expert_dataset_rebuilds_a_mounted_corpus_from_its_source(
         registry, tiny_corpus, tiny_dataset):
