@@ -21,6 +21,7 @@ Checkpoint directory (``out_dir``): ``config.json``, ``model.safetensors``,
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -710,8 +711,11 @@ class _Logger:
         fpt = getattr(unwrap(model), "flops_per_token", None)
         self.flops_per_token = None
         if callable(fpt):
-            self.flops_per_token = (fpt(loss_fraction=loss_fraction) if loss_fraction != 1.0
-                                    else fpt())
+            accepts = inspect.signature(fpt).parameters
+            kw = {"loss_fraction": loss_fraction} if loss_fraction != 1.0 else {}
+            if "batch_size" in accepts:  # a coded compressor decodes per code, not per chunk
+                kw["batch_size"] = cfg.batch_size
+            self.flops_per_token = fpt(**kw)
         self.device = device
 
     def event(self, record: dict[str, Any]) -> None:

@@ -161,6 +161,7 @@ def bench_training(
         threads=torch.get_num_threads(), precision=cfg.precision, compile=compile,
         optimizer=optimizer, loss_fraction=fraction, repeats=repeats, median_s=median,
         tokens_per_s=tokens_per_s,
-        mfu=model.flops_per_token(fraction) * tokens_per_s / (peak_tflops * 1e12) if cuda else None,
+        mfu=(model.flops_per_token(fraction, cfg.batch_size) * tokens_per_s
+             / (peak_tflops * 1e12)) if cuda else None,
         peak_memory_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
     )

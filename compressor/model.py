@@ -408,19 +408,21 @@ class Compressor(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, loss_fraction: float = 1.0) -> float:
+    def flops_per_token(self, loss_fraction: float = 1.0, batch_size: int | None = None) -> float:
         """Training FLOPs per input token (6N for the matmuls, attention and the head).
 
         The layers run over ``seq_len + n_latents`` positions, the LM head over the
         ``loss_fraction`` of the ``seq_len`` positions the loss is taken on
-        (``sampled_loss_fn``)."""
+        (``sampled_loss_fn``). With ``n_codes`` and ``batch_size`` B, the decoder and the
+        head run once per code, not per chunk: their share is scaled by ``n_codes / B``."""
         c = self.config
         d, S = c.d_model, c.seq_len + c.n_latents
-        per_layer = 4 * d * d + 2 * d * c.d_ff
-        layers = (c.n_enc_layers + c.n_dec_layers) * per_layer
-        attn = (c.n_enc_layers + c.n_dec_layers) * 2 * S * d  # QK^T and AV per position
-        head = d * c.vocab_size * loss_fraction
-        return 6.0 * ((layers + attn) * S / c.seq_len + head)
+        per_position = 4 * d * d + 2 * d * c.d_ff + 2 * S * d  # one layer: matmuls, QK^T, AV
+        encoder = c.n_enc_layers * per_position * S / c.seq_len
+        decoder = c.n_dec_layers * per_position * S / c.seq_len + d * c.vocab_size * loss_fraction
+        if c.n_codes and batch_size:
+            decoder *= c.n_codes / batch_size
+        return 6.0 * (encoder + decoder)
 
     def scoring_flops(self) -> float:
         """Forward FLOPs to score one full chunk (matmuls and attention, as

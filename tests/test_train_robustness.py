@@ -117,8 +117,8 @@ def test_expert_initialisation_follows_the_seed(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def _matmul_flops(model, loss_fn, T):
-    ids = torch.randint(2, 100, (1, T))
+def _matmul_flops(model, loss_fn, T, batch=1):
+    ids = torch.randint(2, 100, (batch, T))
     with FlopCounterMode(display=False) as fc:  # CPU fused attention is not counted
         loss_fn(model, ids, torch.ones_like(ids, dtype=torch.bool))[0].backward()
     return fc.get_total_flops()
@@ -147,3 +147,18 @@ def test_compressor_flops_per_token_follows_the_loss_fraction():
     matmuls = _matmul_flops(model, fn, c.seq_len) / c.seq_len
     assert model.flops_per_token(0.25) - attn == pytest.approx(matmuls, rel=0.05)
     assert model.flops_per_token(0.25) < model.flops_per_token()
+
+
+def test_coded_compressor_flops_per_token_count_one_decoder_pass_per_code():
+    from cir.compressor.model import Compressor, CompressorConfig, loss_fn
+
+    torch.manual_seed(0)
+    model = Compressor(CompressorConfig.from_name("debug", n_codes=2)).train()
+    c, B = model.config, 8
+    S = c.seq_len + c.n_latents
+    # CPU fused attention is not counted: leave it out, the decoder's for 2 codes of 8 chunks
+    attn = 6.0 * 2 * S * S * c.d_model / c.seq_len * (c.n_enc_layers + c.n_dec_layers * 2 / B)
+    matmuls = _matmul_flops(model, loss_fn, c.seq_len, batch=B) / (B * c.seq_len)
+    assert model.flops_per_token(batch_size=B) - attn == pytest.approx(matmuls, rel=0.05)
+    plain_decoding = model.flops_per_token()  # as if every chunk were decoded
+    assert model.flops_per_token(batch_size=B) < plain_decoding
