@@ -432,6 +432,14 @@ def _print_bench(result: dict[str, Any]) -> None:
                   r["on_mount"]]
         table.add_row(*cells)
     console.print(table)
+    home = Table(title="held-out chunks routed to their own domain")
+    home.add_column("method")
+    for name in result["domains"]:
+        home.add_column(name, justify="right")
+    for r in result["methods"]:
+        shares = (r["accuracy_by_domain"][name] for name in result["domains"])
+        home.add_row(r["method"], *("-" if v is None else f"{100 * v:.1f}%" for v in shares))
+    console.print(home)
     if result["mount"]:
         mt = Table(title=f"mounting {result['mounted_last']} as the last domain")
         for col in ("method", "acc. before", "acc. after", "old domains after", "update",

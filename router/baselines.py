@@ -51,6 +51,15 @@ def routing_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(scores).argmax(1) == np.asarray(labels)).mean())
 
 
+def accuracy_by_domain(scores: np.ndarray, labels: np.ndarray) -> list[float | None]:
+    """Per domain index (a column of ``scores``), the share of its rows routed to it
+    (None for a domain without rows)."""
+    hit = np.asarray(scores).argmax(1) == np.asarray(labels)
+    labels = np.asarray(labels)
+    return [float(hit[labels == k].mean()) if (labels == k).any() else None
+            for k in range(np.asarray(scores).shape[1])]
+
+
 def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95) -> dict:
     """AUROC (OOD positive) and FPR at ``tpr`` of in-domain chunks accepted."""
     from sklearn.metrics import roc_auc_score
@@ -450,6 +459,7 @@ def evaluate_method(method: str, train: FeatureSet, test: FeatureSet,
     out: dict[str, Any] = {
         "method": method,
         "accuracy": routing_accuracy(scores, test.chunks.labels),
+        "accuracy_by_domain": accuracy_by_domain(scores, test.chunks.labels),
         "fit_s": fit_s,
         "ms_per_chunk": 1000 * (test.seconds.get(feat, 0.0) + pred_s) / max(n, 1),
         "on_mount": ON_MOUNT[method],
@@ -559,6 +569,7 @@ def bench_routing(
         row = evaluate_method(m, train, test, ood_sets, **kw)
         row["flops_per_chunk"] = flops_per_chunk(m, comps, lms, len(train.chunks), len(names),
                                                  latent_dim)
+        row["accuracy_by_domain"] = dict(zip(names, row["accuracy_by_domain"], strict=True))
         rows.append(row)
     mount = ([mount_experiment(m, train, test, **kw) for m in methods]
              if len(names) >= 3 else [])

@@ -14,6 +14,7 @@ from cir.router.baselines import (
     LossRouter,
     MahalanobisRouter,
     TfidfKMeansRouter,
+    accuracy_by_domain,
     domain_posterior,
     evaluate_method,
     ids_to_docs,
@@ -126,3 +127,11 @@ def test_evaluate_method_and_mount_experiment():
         mount = mount_experiment(method, train, test, k_nn=5)
         assert mount["accuracy_before"] > 0.97 and mount["accuracy_after"] > 0.97
     assert mount_experiment("reconstruction", train, test)["update_s"] == 0.0
+
+
+def test_accuracy_by_domain_counts_each_domains_rows():
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0],
+                       [0.1, 0.9, 0.0], [0.3, 0.7, 0.0]])
+    labels = np.array([0, 0, 0, 1, 1])  # domain 0: 2 of 3 home; domain 1: 2 of 2; 2: none
+    assert accuracy_by_domain(scores, labels) == [pytest.approx(2 / 3), 1.0, None]
+    assert routing_accuracy(scores, labels) == pytest.approx(4 / 5)

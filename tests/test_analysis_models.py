@@ -263,9 +263,20 @@ def test_cli_bench_routing_on_checkpoints_matches_the_registry(
     assert set(got) == set(want) and "likelihood" not in got
     for method in ("reconstruction", "mahalanobis", "knn-latent", "tfidf-kmeans"):
         assert got[method]["accuracy"] == want[method]["accuracy"], method
+        assert got[method]["accuracy_by_domain"] == want[method]["accuracy_by_domain"], method
         assert got[method]["ood"]["random"]["auroc"] == pytest.approx(
             want[method]["ood"]["random"]["auroc"]), method
 
+    shown = runner.invoke(app, ["bench", "routing", "--max-train", "30", "--max-test", "10",
+                                *pairs])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    header = [x for x in lines if "method" in x and "code" in x and "prose" in x]
+    assert header, shown.output  # the per-domain table: a column per domain
+    home = got["reconstruction"]["accuracy_by_domain"]
+    row = [x for x in lines[lines.index(header[0]):] if "reconstruction" in x][0]
+    assert row.split()[1:6:2] == ["reconstruction", f"{100 * home['code']:.1f}%",
+                                  f"{100 * home['prose']:.1f}%"], row
     unpaired = runner.invoke(app, ["bench", "routing", *pairs[:4], "--data", "extra=x"])
     assert unpaired.exit_code != 0 and "unpaired: extra" in unpaired.output
     both = runner.invoke(app, ["bench", "routing", *pairs, "--registry", str(registry)])
