@@ -340,6 +340,11 @@ def _print_worst(name: str, errors: dict[str, Any] | None, markdown: bool) -> No
     console.print(table)
 
 
+def _listed(overrides: dict[str, Any]) -> str:
+    """``", key=value, ..."``: the config overrides a benchmark ran with, for its title."""
+    return "".join(f", {k}={v}" for k, v in overrides.items())
+
+
 @handle_errors
 def bench_cmd(
     preset: list[str] = typer.Option(["small"], "--preset", help="Preset(s) to measure."),
@@ -372,8 +377,7 @@ def bench_cmd(
     if as_json:
         print_json([r.to_dict() for r in results])
         return
-    changed = "".join(f", {k}={v}" for k, v in overrides.items())
-    table = Table(title=f"compressor scoring throughput (random weights{changed})")
+    table = Table(title=f"compressor scoring throughput (random weights{_listed(overrides)})")
     for col in ("preset", "params", "device", "threads", "batch", "median s/batch", "tokens/s"):
         table.add_column(col, justify="left" if col in ("preset", "device") else "right")
     for r in results:
@@ -431,8 +435,8 @@ def bench_train_cmd(
     if as_json:
         print_json([r.to_dict() for r in results])
         return
-    changed = "".join(f", {k}={v}" for k, v in overrides.items())
-    table = Table(title=f"compressor training throughput ({preset}{changed}, random weights)")
+    table = Table(title=f"compressor training throughput ({preset}{_listed(overrides)}, "
+                        "random weights)")
     cols = ("compile", "optimizer", "device", "batch", "loss on", "median s/step", "tokens/s",
             "MFU", "peak GiB")
     for col in cols:

@@ -368,7 +368,8 @@ class Compressor(nn.Module):
         """Whether ``score`` should decode every code once rather than each chunk's: with
         ``n_codes``, at least as many chunks as codes, and tables within budget."""
         C = self.config.n_codes
-        return bool(C) and n_chunks >= C and 4 * C * T * self.config.vocab_size <= self.CODE_TABLE_BYTES
+        table_bytes = 4 * C * T * self.config.vocab_size  # the fp32 log-probabilities
+        return bool(C) and n_chunks >= C and table_bytes <= self.CODE_TABLE_BYTES
 
     def _code_tables(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each code's reconstruction over the first ``T`` positions, as scoring needs it:
@@ -408,6 +409,17 @@ class Compressor(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _forward_flops_per_token(self, loss_fraction: float = 1.0) -> tuple[float, float]:
+        """Forward FLOPs per input token (2 per multiply-add) of the encoder, and of the
+        decoder with the LM head over ``loss_fraction`` of the positions. The layers run
+        over ``seq_len + n_latents`` positions: matmuls, QK^T and AV."""
+        c = self.config
+        d, S = c.d_model, c.seq_len + c.n_latents
+        per_position = 4 * d * d + 2 * d * c.d_ff + 2 * S * d  # one layer
+        encoder = c.n_enc_layers * per_position * S / c.seq_len
+        decoder = c.n_dec_layers * per_position * S / c.seq_len + d * c.vocab_size * loss_fraction
+        return 2.0 * encoder, 2.0 * decoder
+
     def flops_per_token(self, loss_fraction: float = 1.0, batch_size: int | None = None) -> float:
         """Training FLOPs per input token (6N for the matmuls, attention and the head).
 
@@ -415,26 +427,20 @@ class Compressor(nn.Module):
         ``loss_fraction`` of the ``seq_len`` positions the loss is taken on
         (``sampled_loss_fn``). With ``n_codes`` and ``batch_size`` B, the decoder and the
         head run once per code, not per chunk: their share is scaled by ``n_codes / B``."""
-        c = self.config
-        d, S = c.d_model, c.seq_len + c.n_latents
-        per_position = 4 * d * d + 2 * d * c.d_ff + 2 * S * d  # one layer: matmuls, QK^T, AV
-        encoder = c.n_enc_layers * per_position * S / c.seq_len
-        decoder = c.n_dec_layers * per_position * S / c.seq_len + d * c.vocab_size * loss_fraction
-        if c.n_codes and batch_size:
-            decoder *= c.n_codes / batch_size
-        return 6.0 * (encoder + decoder)
+        encoder, decoder = self._forward_flops_per_token(loss_fraction)
+        if self.config.n_codes and batch_size:
+            decoder *= self.config.n_codes / batch_size
+        return 3.0 * (encoder + decoder)  # forward + backward
 
     def scoring_flops(self) -> float:
         """Forward FLOPs to score one full chunk (matmuls and attention, as
         ``flops_per_token``). With ``n_codes``, the encoder and the code head alone: the
         codes' reconstructions are decoded once per ``score`` call and only looked up."""
         c = self.config
+        encoder, decoder = self._forward_flops_per_token()
         if not c.n_codes:
-            return self.flops_per_token() / 3.0 * c.seq_len  # forward = training / 3
-        d, S = c.d_model, c.seq_len + c.n_latents
-        per_position = 4 * d * d + 2 * d * c.d_ff + 2 * S * d  # one layer: matmuls, attention
-        return 2.0 * (c.n_enc_layers * per_position * S + c.n_latents * d * c.n_codes)
-
+            return (encoder + decoder) * c.seq_len
+        return encoder * c.seq_len + 2.0 * c.n_latents * c.d_model * c.n_codes
 
 class CodeLogits(NamedTuple):
     """A discrete-bottleneck compressor's training output (``n_codes`` codes)."""

@@ -54,10 +54,10 @@ def routing_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 def accuracy_by_domain(scores: np.ndarray, labels: np.ndarray) -> list[float | None]:
     """Per domain index (a column of ``scores``), the share of its rows routed to it
     (None for a domain without rows)."""
-    hit = np.asarray(scores).argmax(1) == np.asarray(labels)
-    labels = np.asarray(labels)
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    hit = scores.argmax(1) == labels
     return [float(hit[labels == k].mean()) if (labels == k).any() else None
-            for k in range(np.asarray(scores).shape[1])]
+            for k in range(scores.shape[1])]
 
 
 def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95) -> dict:
