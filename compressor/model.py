@@ -432,15 +432,19 @@ class Compressor(nn.Module):
             decoder *= self.config.n_codes / batch_size
         return 3.0 * (encoder + decoder)  # forward + backward
 
+    def encoder_flops(self) -> float:
+        """Forward FLOPs to encode one full chunk into its latents (matmuls and attention,
+        as ``flops_per_token``): what a router that reads only latents pays per chunk."""
+        return self._forward_flops_per_token()[0] * self.config.seq_len
+
     def scoring_flops(self) -> float:
         """Forward FLOPs to score one full chunk (matmuls and attention, as
         ``flops_per_token``). With ``n_codes``, the encoder and the code head alone: the
         codes' reconstructions are decoded once per ``score`` call and only looked up."""
         c = self.config
-        encoder, decoder = self._forward_flops_per_token()
         if not c.n_codes:
-            return (encoder + decoder) * c.seq_len
-        return encoder * c.seq_len + 2.0 * c.n_latents * c.d_model * c.n_codes
+            return self.encoder_flops() + self._forward_flops_per_token()[1] * c.seq_len
+        return self.encoder_flops() + 2.0 * c.n_latents * c.d_model * c.n_codes
 
 class CodeLogits(NamedTuple):
     """A discrete-bottleneck compressor's training output (``n_codes`` codes)."""

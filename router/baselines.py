@@ -502,8 +502,7 @@ def flops_per_chunk(method: str, compressors: Sequence[Any], lms: Sequence[Any] 
         return None
     c0 = compressors[0]
     seq = c0.config.seq_len
-    enc_share = c0.config.n_enc_layers / (c0.config.n_enc_layers + c0.config.n_dec_layers)
-    encoder = c0.flops_per_token() / 3.0 * seq * enc_share  # encoder only, head excluded roughly
+    encoder = c0.encoder_flops()  # the latent routers read the first compressor's latents
     table: dict[str, float | None] = {
         "reconstruction": float(sum(c.scoring_flops() for c in compressors)),
         "likelihood": (float(sum(2.0 * sum(p.numel() for p in m.parameters()) * seq

@@ -173,6 +173,23 @@ def test_scoring_flops_of_a_coded_model_are_its_encoders():
     assert both == pytest.approx(plain.scoring_flops() + coded.scoring_flops())
 
 
+def test_latent_routers_pay_for_the_encoder_alone():
+    """Mahalanobis and kNN read latents: their FLOPs are the encoder's layers, by hand,
+    and do not grow with the vocabulary (the LM head is the decoder's)."""
+    from cir.router.baselines import flops_per_chunk
+
+    for vocab in (512, 8192):
+        model = Compressor(CompressorConfig.from_name("small", vocab_size=vocab))
+        c = model.config
+        S = c.seq_len + c.n_latents
+        one_layer = 2 * S * (4 * c.d_model**2 + 2 * c.d_model * c.d_ff + 2 * S * c.d_model)
+        assert model.encoder_flops() == pytest.approx(c.n_enc_layers * one_layer)
+        maha = flops_per_chunk("mahalanobis", [model], None, 100, 3, 512)
+        assert maha == pytest.approx(c.n_enc_layers * one_layer + 3 * 2.0 * 512 * 513)
+        knn = flops_per_chunk("knn-latent", [model], None, 100, 3, 512)
+        assert knn == pytest.approx(c.n_enc_layers * one_layer + 2.0 * 100 * 512)
+
+
 def test_codes_learn_the_clusters_of_their_domain(tmp_path):
     """Two codes on chunks from two disjoint vocabularies: each half gets its own code,
     whose reconstruction spreads over that half's 48 tokens (log 48 nats, against the
