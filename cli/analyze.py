@@ -380,6 +380,9 @@ def bench_routing_cmd(
                                          "(no LMs); each with --data NAME=DATASET."),
     device: str = typer.Option("cpu", help="cpu | cuda (with --compressor)."),
     pooling: str = typer.Option("mean", help="Latent pooling of mahalanobis / knn: flat | mean."),
+    method: list[str] = typer.Option([], "--method", help="Only this method; repeat "
+                                     "(default: all). reconstruction | likelihood | gate-emb "
+                                     "| gate-tfidf | tfidf-kmeans | mahalanobis | knn-latent."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Reconstruction routing against likelihood, gating, c-BTM, Mahalanobis and kNN.
@@ -393,10 +396,19 @@ def bench_routing_cmd(
     Compressors trained with `compressor train`, without mounting them: route-cli bench
     routing --compressor code=runs/code --data code=python-code --compressor docs=runs/docs
     --data docs=python-docs --ood random
+
+    Two methods only: route-cli bench routing --method reconstruction --method gate-tfidf
     """
     from cir.router.analysis import dataset_label, open_eval_dataset
-    from cir.router.baselines import bench_routing
+    from cir.router.baselines import FEATURE_OF, bench_routing
 
+    unknown = sorted(set(method) - set(FEATURE_OF))
+    if unknown:
+        raise typer.BadParameter(f"unknown method {', '.join(unknown)}; valid: "
+                                 f"{', '.join(FEATURE_OF)}", param_hint="--method")
+    if "likelihood" in method and (compressor or not with_lm):
+        raise typer.BadParameter("likelihood routing needs the registry's expert LMs (not "
+                                 "--no-lm, not --compressor)", param_hint="--method")
     domains = _bench_domains(registry, data, with_lm, compressor, device)
     first = next(iter(domains.values())).compressor
     ood_sets = {dataset_label(name): open_eval_dataset(name, "test", like=first)
@@ -404,7 +416,7 @@ def bench_routing_cmd(
     with progress(disable=as_json) as bar:
         task = bar.add_task("routing baselines", total=None, info="features + fits")
         result = bench_routing(domains, ood_sets, max_train=max_train, max_test=max_test,
-                               pooling=pooling)
+                               methods=list(dict.fromkeys(method)) or None, pooling=pooling)
         bar.update(task, total=1, completed=1)
     if as_json:
         print_json(result)

@@ -277,6 +277,16 @@ def test_cli_bench_routing_on_checkpoints_matches_the_registry(
     row = [x for x in lines[lines.index(header[0]):] if "reconstruction" in x][0]
     assert row.split()[1:6:2] == ["reconstruction", f"{100 * home['code']:.1f}%",
                                   f"{100 * home['prose']:.1f}%"], row
+    two = _json(args + pairs + ["--method", "reconstruction", "--method", "gate-tfidf",
+                                "--method", "reconstruction"])
+    assert [r["method"] for r in two["methods"]] == ["reconstruction", "gate-tfidf"]
+    assert [r["method"] for r in two["mount"]] == []  # two domains: no mount experiment
+    for r in two["methods"]:
+        assert r["accuracy"] == got[r["method"]]["accuracy"], r["method"]
+    typo = runner.invoke(app, ["bench", "routing", *pairs, "--method", "knn"])
+    assert typo.exit_code == 2 and "unknown method knn" in typo.output, typo.output
+    no_lm = runner.invoke(app, ["bench", "routing", *pairs, "--method", "likelihood"])
+    assert no_lm.exit_code == 2 and "expert LMs" in no_lm.output, no_lm.output
     unpaired = runner.invoke(app, ["bench", "routing", *pairs[:4], "--data", "extra=x"])
     assert unpaired.exit_code != 0 and "unpaired: extra" in unpaired.output
     both = runner.invoke(app, ["bench", "routing", *pairs, "--registry", str(registry)])
