@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -409,6 +410,9 @@ def bench_routing_cmd(
     if "likelihood" in method and (compressor or not with_lm):
         raise typer.BadParameter("likelihood routing needs the registry's expert LMs (not "
                                  "--no-lm, not --compressor)", param_hint="--method")
+    if "knn-latent" in (method or FEATURE_OF) and importlib.util.find_spec("faiss") is None:
+        fail("knn-latent routing needs faiss: pip install faiss-cpu, or leave it out by "
+             "naming the other methods with --method")
     domains = _bench_domains(registry, data, with_lm, compressor, device)
     first = next(iter(domains.values())).compressor
     ood_sets = {dataset_label(name): open_eval_dataset(name, "test", like=first)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +288,19 @@ def test_cli_bench_routing_on_checkpoints_matches_the_registry(
     assert typo.exit_code == 2 and "unknown method knn" in typo.output, typo.output
     no_lm = runner.invoke(app, ["bench", "routing", *pairs, "--method", "likelihood"])
     assert no_lm.exit_code == 2 and "expert LMs" in no_lm.output, no_lm.output
+    with pytest.MonkeyPatch.context() as mp:  # no faiss: kNN fails at once, the rest runs
+        mp.setitem(sys.modules, "faiss", None)
+        import cir.router.baselines as baselines
+
+        def no_scoring(*a, **k):
+            raise AssertionError("scored before failing")
+
+        with pytest.MonkeyPatch.context() as inner:
+            inner.setattr(baselines, "bench_routing", no_scoring)
+            no_faiss = runner.invoke(app, ["bench", "routing", *pairs])
+        assert no_faiss.exit_code == 2 and "needs faiss" in no_faiss.output, no_faiss.output
+        rest = _json(args + pairs + ["--method", "reconstruction", "--method", "mahalanobis"])
+        assert [r["method"] for r in rest["methods"]] == ["reconstruction", "mahalanobis"]
     unpaired = runner.invoke(app, ["bench", "routing", *pairs[:4], "--data", "extra=x"])
     assert unpaired.exit_code != 0 and "unpaired: extra" in unpaired.output
     both = runner.invoke(app, ["bench", "routing", *pairs, "--registry", str(registry)])
