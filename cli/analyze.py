@@ -383,13 +383,14 @@ def bench_routing_cmd(
     pooling: str = typer.Option("mean", help="Latent pooling of mahalanobis / knn: flat | mean."),
     method: list[str] = typer.Option([], "--method", help="Only this method; repeat "
                                      "(default: all). reconstruction | likelihood | gate-emb "
-                                     "| gate-tfidf | tfidf-kmeans | mahalanobis | knn-latent."),
+                                     "| gate-tfidf | tfidf-kmeans | mahalanobis | knn-latent | "
+                                     "unigram-mix."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Reconstruction routing against likelihood, gating, c-BTM, Mahalanobis and kNN.
+    """Reconstruction routing against likelihood, gating, c-BTM, Mahalanobis, kNN and unigrams.
 
     Likelihood routing (DEMix/BTM), a trained gate, c-BTM tf-idf + k-means, Mahalanobis and
-    kNN on latents: accuracy, OOD AUROC / FPR@95, cost, and what a new domain needs (and,
+    kNN on latents, and each domain's mixture of unigrams (no network): accuracy, OOD AUROC / FPR@95, cost, and what a new domain needs (and,
     with 3+ domains, accuracy after mounting the last).
 
     Example: route-cli bench routing --ood random --max-test 200

@@ -146,6 +146,11 @@ def eval_cmd(
                                      "split: a bag-of-tokens compressor that adapts to each "
                                      "chunk (1 topic = the unigram); repeat. About a minute "
                                      "per 8 topics on 5M tokens and 2 cores."),
+    clusters: list[int] = typer.Option([], "--clusters", help="Also the AUROC of a mixture "
+                                       "of this many unigrams of the first dataset's train "
+                                       "split, each chunk scored by its best one: a "
+                                       "bag-of-tokens compressor with a discrete bottleneck "
+                                       "(1 = the unigram); repeat. Seconds on 5M tokens."),
     worst: int = typer.Option(0, "--worst", min=0, help="Also list each dataset's N worst "
                               "documents (see --worst-by) and their share of the errors "
                               "(datasets with a document index)."),
@@ -179,10 +184,15 @@ def eval_cmd(
     Against bag-of-tokens compressors of 8 and 32 topics (has it learned token order?):
     route-cli compressor eval runs/cmp --data python-code --data python-docs --topics 8
     --topics 32
+
+    Against a mixture of 8 unigrams, each chunk scored by its best one (a coded compressor
+    without a network): route-cli compressor eval runs/cmp --data python-code --data
+    python-docs --clusters 8
     """
     from cir.compressor.evaluate import (
         WORST_BY,
         auroc_table,
+        cluster_auroc_table,
         document_errors,
         evaluate,
         restrict_row,
@@ -198,10 +208,11 @@ def eval_cmd(
         fail(f"--precision must be auto, fp32 or bf16, got {precision!r}")
     if worst_by not in WORST_BY:
         fail(f"--worst-by must be {' or '.join(WORST_BY)}, got {worst_by!r}")
-    if any(k < 1 for k in topics):
-        fail(f"--topics must be at least 1, got {min(topics)}")
-    if topics and data[0] == "random":
-        fail("--topics fits a topic model on the first dataset's train split; `random` has none")
+    for flag, counts in (("--topics", topics), ("--clusters", clusters)):
+        if any(k < 1 for k in counts):
+            fail(f"{flag} must be at least 1, got {min(counts)}")
+        if counts and data[0] == "random":
+            fail(f"{flag} fits a model on the first dataset's train split; `random` has none")
     if split == "all":
         fail("--split all would score the in-domain training chunks; use --ood-split all")
     model = load_checkpoint(ckpt, device=device, expect="compressor")
@@ -226,7 +237,7 @@ def eval_cmd(
     aurocs = auroc_table(rows) if len(rows) > 1 else {}
     train_split = None
     if data[0] != "random" and ((baseline and len(rows) > 1) or unseen_below is not None
-                                or topics):
+                                or topics or clusters):
         try:
             train_split = _open_eval_data(data[0], "train", model)
         except (FileNotFoundError, ValueError):
@@ -236,16 +247,21 @@ def eval_cmd(
         base = unigram_auroc_table(rows, datasets, train_split, model.config.vocab_size,
                                    max_chunks)
     topic_base: dict[int, dict[str, float]] = {}
-    if topics and len(rows) > 1:
+    cluster_base: dict[int, dict[str, float]] = {}
+    fits = [(k, "topics", topic_auroc_table, topic_base) for k in dict.fromkeys(topics)]
+    fits += [(k, "clusters", cluster_auroc_table, cluster_base) for k in dict.fromkeys(clusters)]
+    if fits and len(rows) > 1:
         if train_split is None or len(train_split) == 0:
-            fail(f"--topics needs {data[0]}'s train split")
+            fail(f"--{fits[0][1]} needs {data[0]}'s train split")
         with progress(disable=as_json or markdown) as bar:
-            task = bar.add_task("topic models", total=len(set(topics)), info="")
-            for k in dict.fromkeys(topics):
-                bar.update(task, info=f"{k} topics")
-                topic_base[k] = topic_auroc_table(rows, datasets, train_split,
-                                                  model.config.vocab_size, k, max_chunks)
+            task = bar.add_task("bag-of-tokens models", total=len(fits), info="")
+            for k, what, table, into in fits:
+                bar.update(task, info=f"{k} {what}")
+                into[k] = table(rows, datasets, train_split, model.config.vocab_size, k,
+                                max_chunks)
                 bar.advance(task)
+    bag_base = {**{f"{k} topics": a for k, a in topic_base.items()},
+                **{f"{k} clusters": a for k, a in cluster_base.items()}}
     by_doc = ({r.name: document_errors(r, datasets[r.name], worst, worst_by) for r in rows}
               if worst else {})
     shown, unseen = rows, None
@@ -268,6 +284,8 @@ def eval_cmd(
                "unigram_auroc_vs_first": base}
         if topics:
             out["topic_auroc_vs_first"] = {str(k): a for k, a in topic_base.items()}
+        if clusters:
+            out["cluster_auroc_vs_first"] = {str(k): a for k, a in cluster_base.items()}
         if worst:
             out["documents"] = by_doc
         if unseen is not None:
@@ -275,9 +293,9 @@ def eval_cmd(
         print_json(out)
         return
     if markdown:
-        print(rows_to_markdown(shown, aurocs, base, topic_base))
+        print(rows_to_markdown(shown, aurocs, base, bag_base))
     else:
-        _print_rows(shown, aurocs, base, topic_base)
+        _print_rows(shown, aurocs, base, bag_base)
     if unseen is not None:
         _print_note(f"{unseen['row']}: the {unseen['documents']:,} of {unseen['of']:,} documents "
                     f"with less than {100 * unseen_below:g}% of their 16-grams in {data[0]}'s train "
@@ -287,11 +305,11 @@ def eval_cmd(
 
 
 def _print_rows(rows: list[Any], aurocs: dict[str, float], base: dict[str, float] | None,
-                topics: dict[int, dict[str, float]] | None = None) -> None:
+                bags: dict[str, dict[str, float]] | None = None) -> None:
     table = Table(title=f"reconstruction (in-domain: {rows[0].name})")
     cols = ["dataset", "chunks", "tokens", "TRA", "TRA/\nchunk", "CE", "AUROC\nvs ID"]
     cols += ["AUROC\nunigram"] if base is not None else []
-    cols += [f"AUROC\n{k} topics" for k in (topics or {})]
+    cols += [f"AUROC\n{label}" for label in (bags or {})]
     for col in cols:
         if col == "dataset":  # names (often paths) wrap rather than being cut
             table.add_column(col, overflow="fold", min_width=12)
@@ -301,7 +319,7 @@ def _print_rows(rows: list[Any], aurocs: dict[str, float], base: dict[str, float
         cells = [r.name, str(r.chunks), f"{r.tokens:,}", f"{100 * r.tra:.2f}%",
                  f"{100 * r.tra_chunk_mean:.2f}%", f"{r.loss:.3f}",
                  f"{aurocs[r.name]:.4f}" if r.name in aurocs else "-"]
-        for b in ([base] if base is not None else []) + list((topics or {}).values()):
+        for b in ([base] if base is not None else []) + list((bags or {}).values()):
             cells.append(f"{b[r.name]:.4f}" if r.name in b else "-")
         table.add_row(*cells)
     console.print(table)

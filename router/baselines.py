@@ -16,6 +16,9 @@ the route is the argmax) and to an out-of-domain score ``[N]`` (higher = more li
   training latents; score = -squared Mahalanobis distance; OOD = the smallest distance.
 - ``knn-latent``: faiss kNN over training latents; score = share of the k neighbours from
   each domain; OOD = distance to the k-th neighbour.
+- ``unigram-mix``: no network; per domain, a mixture of add-one unigrams fitted on that
+  domain's training chunks alone (``cir.compressor.evaluate.UnigramMixture``); score = -the
+  chunk's mean cross-entropy under the domain's best unigram; OOD = the lowest of those.
 
 ``ood_metrics`` gives AUROC (OOD chunks positive, as ``cir.compressor.evaluate.auroc``) and
 FPR@95%TPR: the share of OOD chunks still accepted when the threshold accepts 95% of the
@@ -40,6 +43,7 @@ ON_MOUNT: dict[str, str] = {
     "tfidf-kmeans": "re-cluster all domains' data and remap clusters",
     "mahalanobis": "add one mean; refit the shared covariance on all domains",
     "knn-latent": "add the new domain's latents to the index",
+    "unigram-mix": "nothing retrained (fit the new domain's unigrams)",
 }
 
 
@@ -291,6 +295,40 @@ class KnnRouter(Router):
         return np.where(ids[:, -1] >= 0, dist[:, -1], np.inf)
 
 
+UNIGRAM_MIX_COMPONENTS = 8  # unigrams per domain of the unigram-mix baseline
+
+
+class UnigramMixtureRouter(Router):
+    """Each domain's own mixture of ``n_components`` unigrams; lowest cross-entropy wins."""
+
+    name = "unigram-mix"
+
+    def __init__(self, n_components: int = UNIGRAM_MIX_COMPONENTS, seed: int = 0) -> None:
+        self.n_components = n_components
+        self.seed = seed
+
+    def fit(self, x: Any, y: np.ndarray) -> UnigramMixtureRouter:
+        from cir.compressor.evaluate import UnigramMixture
+
+        y = np.asarray(y)
+        self.k = int(y.max()) + 1
+        self.mixtures = [UnigramMixture.fit_bags(x[np.nonzero(y == c)[0]], self.n_components,
+                                                 seed=self.seed) if (y == c).any() else None
+                         for c in range(self.k)]
+        return self
+
+    def losses(self, x: Any) -> np.ndarray:
+        """Mean cross-entropy of every chunk under every domain's best unigram ``[N, K]``."""
+        return np.stack([np.full(x.shape[0], np.inf) if m is None else m.bag_loss(x)
+                         for m in self.mixtures], axis=1)
+
+    def scores(self, x: Any) -> np.ndarray:
+        return -np.nan_to_num(self.losses(x), nan=np.inf)
+
+    def ood_score(self, x: Any) -> np.ndarray:
+        return np.nan_to_num(self.losses(x), nan=np.inf).min(1)
+
+
 def baseline_routers(n_clusters: int = 8, k_nn: int = 10, seed: int = 0) -> dict[str, Router]:
     """The trained baselines, keyed by name; each reads one feature kind (``FEATURE_OF``)."""
     return {
@@ -299,13 +337,14 @@ def baseline_routers(n_clusters: int = 8, k_nn: int = 10, seed: int = 0) -> dict
         "tfidf-kmeans": TfidfKMeansRouter(n_clusters=n_clusters, seed=seed),
         "mahalanobis": MahalanobisRouter(),
         "knn-latent": KnnRouter(k=k_nn),
+        "unigram-mix": UnigramMixtureRouter(seed=seed),
     }
 
 
 FEATURE_OF: dict[str, str] = {
     "reconstruction": "recon", "likelihood": "nll", "gate-emb": "emb",
     "gate-tfidf": "docs", "tfidf-kmeans": "docs", "mahalanobis": "latent",
-    "knn-latent": "latent",
+    "knn-latent": "latent", "unigram-mix": "bags",
 }
 
 
@@ -359,6 +398,16 @@ def lm_nll(lms: Sequence[Any], ids: Any, mask: Any) -> tuple[np.ndarray, np.ndar
             np.stack([o["n_tokens"].double().numpy() for o in outs], axis=1))
 
 
+def token_bags(ids: Any, mask: Any, vocab_size: int) -> Any:
+    """Token counts ``[N, V]`` of every chunk's real tokens (a sparse CSR matrix)."""
+    import scipy.sparse as sp
+
+    m = mask.bool().numpy()
+    rows, cols = np.nonzero(m)
+    return sp.csr_matrix((np.ones(len(rows)), (rows, ids.numpy()[rows, cols])),
+                         shape=(m.shape[0], vocab_size))
+
+
 def mean_embeddings(embedding: Any, ids: Any, mask: Any) -> np.ndarray:
     """Mean of the real tokens' embedding rows ``[N, D]`` (``embedding``: ``[V, D]``)."""
     import torch
@@ -385,8 +434,8 @@ class FeatureSet:
                 out.feats[name] = tuple(a[keep] for a in f)
             elif isinstance(f, list):
                 out.feats[name] = [f[i] for i in np.flatnonzero(keep)]
-            else:
-                out.feats[name] = f[keep]
+            else:  # numpy arrays and sparse matrices alike
+                out.feats[name] = f[np.flatnonzero(keep)]
         return out
 
     def columns(self, cols: Sequence[int]) -> FeatureSet:
@@ -421,6 +470,7 @@ def compute_features(chunks: Chunks, compressors: Sequence[Any], lms: Sequence[A
         "emb": lambda: mean_embeddings(reference.tok_emb.weight.detach().cpu(), ids, mask),
         "docs": lambda: ids_to_docs(ids, mask),
         "latent": lambda: encode_pooled(reference, ids, mask, pooling),
+        "bags": lambda: token_bags(ids, mask, reference.config.vocab_size),
     }
     if lms:
         jobs["nll"] = lambda: lm_nll(lms, ids, mask)
@@ -512,6 +562,8 @@ def flops_per_chunk(method: str, compressors: Sequence[Any], lms: Sequence[Any] 
         "tfidf-kmeans": None,
         "mahalanobis": encoder + n_domains * 2.0 * latent_dim * (latent_dim + 1),
         "knn-latent": encoder + 2.0 * n_train * latent_dim,
+        # one log-probability gathered and added per token, cluster and domain
+        "unigram-mix": 2.0 * seq * UNIGRAM_MIX_COMPONENTS * n_domains,
     }
     return table.get(method)
 
@@ -559,7 +611,8 @@ def bench_routing(
         if empty:
             raise ValueError(f"no {split} chunks in domain(s) {', '.join(empty)}: routing "
                              "accuracy would leave them out")
-    train = feats([d.train for d in domains.values()], max_train, ("emb", "docs", "latent"))
+    train = feats([d.train for d in domains.values()], max_train,
+                  ("emb", "docs", "latent", "bags"))
     test = feats([d.test for d in domains.values()], max_test)
     ood_sets = {k: feats([v], max_test) for k, v in (ood or {}).items()}
     latent_dim = test.feats["latent"].shape[1]

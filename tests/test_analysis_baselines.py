@@ -135,3 +135,55 @@ def test_accuracy_by_domain_counts_each_domains_rows():
     labels = np.array([0, 0, 0, 1, 1])  # domain 0: 2 of 3 home; domain 1: 2 of 2; 2: none
     assert accuracy_by_domain(scores, labels) == [pytest.approx(2 / 3), 1.0, None]
     assert routing_accuracy(scores, labels) == pytest.approx(4 / 5)
+
+
+def test_unigram_mix_routes_by_each_domains_own_unigrams():
+    """Three domains of disjoint 40-token vocabularies: every chunk goes home, an unseen
+    vocabulary scores as OOD, and a domain's scores do not change when another is mounted
+    (each domain's unigrams are fitted on its own chunks alone)."""
+    import scipy.sparse as sp
+    from cir.router.baselines import UnigramMixtureRouter, token_bags
+
+    rng = np.random.default_rng(0)
+
+    def chunks(domain: int, n: int):
+        ids = torch.as_tensor(2 + 40 * domain + rng.integers(0, 40, size=(n, 24)))
+        mask = torch.ones_like(ids)
+        mask[::5, 16:] = 0  # padding is not counted
+        return ids, mask
+
+    parts = [chunks(d, 30) for d in range(3)]
+    bags = token_bags(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), 200)
+    assert sp.issparse(bags) and bags.shape == (90, 200)
+    assert bags[0].sum() == 16 and bags[1].sum() == 24
+    y = np.repeat(np.arange(3), 30)
+    held = [chunks(d, 10) for d in range(3)]
+    test = token_bags(torch.cat([p[0] for p in held]), torch.cat([p[1] for p in held]), 200)
+    router = UnigramMixtureRouter(n_components=2).fit(bags, y)
+    assert routing_accuracy(router.scores(test), np.repeat(np.arange(3), 10)) == 1.0
+    alien = token_bags(*chunks(3, 10), 200)  # tokens 122..161, never trained on
+    assert router.ood_score(alien).min() > router.ood_score(test).max()
+    two = UnigramMixtureRouter(n_components=2).fit(bags[:60], y[:60])
+    np.testing.assert_array_equal(two.scores(test), router.scores(test)[:, :2])
+
+
+def test_bench_runs_unigram_mix_beside_the_others():
+    train = _bag_features(0)
+    test = _bag_features(1)
+    row = evaluate_method("unigram-mix", train, test, {"alien": _bag_features(2, alien=True)})
+    assert row["accuracy"] == 1.0 and row["ood"]["alien"]["auroc"] == 1.0
+    mount = mount_experiment("unigram-mix", train, test)
+    assert mount["accuracy_after"] == 1.0 and mount["update"].startswith("nothing retrained")
+
+
+def _bag_features(seed: int, alien: bool = False) -> FeatureSet:
+    from cir.router.baselines import token_bags
+
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), 12)
+    base = np.full(36, 3) if alien else y
+    ids = torch.as_tensor(2 + 30 * base[:, None] + rng.integers(0, 30, (36, 20)))
+    mask = torch.ones_like(ids)
+    fs = FeatureSet(Chunks(ids, mask, y))
+    fs.feats["bags"] = token_bags(ids, mask, 128)
+    return fs

@@ -238,7 +238,7 @@ def test_cli_bench_routing(registry, tiny_corpus):
                  "--max-test", "10", "--json"])
     methods = {r["method"]: r for r in out["methods"]}
     assert set(methods) == {"reconstruction", "likelihood", "gate-emb", "gate-tfidf",
-                            "tfidf-kmeans", "mahalanobis", "knn-latent"}
+                            "tfidf-kmeans", "mahalanobis", "knn-latent", "unigram-mix"}
     for r in methods.values():
         assert 0.0 <= r["accuracy"] <= 1.0 and r["ms_per_chunk"] > 0
         assert 0.0 <= r["ood"]["random"]["auroc"] <= 1.0
@@ -262,7 +262,8 @@ def test_cli_bench_routing_on_checkpoints_matches_the_registry(
     want = {r["method"]: r for r in via_registry["methods"]}
     got = {r["method"]: r for r in via_ckpts["methods"]}
     assert set(got) == set(want) and "likelihood" not in got
-    for method in ("reconstruction", "mahalanobis", "knn-latent", "tfidf-kmeans"):
+    assert "unigram-mix" in got
+    for method in ("reconstruction", "mahalanobis", "knn-latent", "tfidf-kmeans", "unigram-mix"):
         assert got[method]["accuracy"] == want[method]["accuracy"], method
         assert got[method]["accuracy_by_domain"] == want[method]["accuracy_by_domain"], method
         assert got[method]["ood"]["random"]["auroc"] == pytest.approx(
