@@ -611,11 +611,13 @@ def bench_routing(
         if empty:
             raise ValueError(f"no {split} chunks in domain(s) {', '.join(empty)}: routing "
                              "accuracy would leave them out")
+    needed = {FEATURE_OF[m] for m in methods}  # features only the named methods read
     train = feats([d.train for d in domains.values()], max_train,
-                  ("emb", "docs", "latent", "bags"))
-    test = feats([d.test for d in domains.values()], max_test)
-    ood_sets = {k: feats([v], max_test) for k, v in (ood or {}).items()}
-    latent_dim = test.feats["latent"].shape[1]
+                  needed & {"emb", "docs", "latent", "bags"})
+    test = feats([d.test for d in domains.values()], max_test, needed)
+    ood_sets = {k: feats([v], max_test, needed) for k, v in (ood or {}).items()}
+    latent_dim = (test.feats["latent"].shape[1] if "latent" in test.feats
+                  else comps[0].config.d_model)
     rows = []
     for m in methods:
         row = evaluate_method(m, train, test, ood_sets, **kw)

@@ -302,6 +302,14 @@ def test_cli_bench_routing_on_checkpoints_matches_the_registry(
         assert no_faiss.exit_code == 2 and "needs faiss" in no_faiss.output, no_faiss.output
         rest = _json(args + pairs + ["--method", "reconstruction", "--method", "mahalanobis"])
         assert [r["method"] for r in rest["methods"]] == ["reconstruction", "mahalanobis"]
+    with pytest.MonkeyPatch.context() as mp:  # methods that read no model run none
+        import cir.router.latent_index as latent_index
+
+        mp.setattr(baselines, "recon_losses", no_scoring)
+        mp.setattr(latent_index, "encode_pooled", no_scoring)
+        bags = _json(args + pairs + ["--method", "unigram-mix", "--method", "gate-tfidf"])
+        assert [r["method"] for r in bags["methods"]] == ["unigram-mix", "gate-tfidf"]
+        assert bags["methods"][0]["accuracy"] == got["unigram-mix"]["accuracy"]
     unpaired = runner.invoke(app, ["bench", "routing", *pairs[:4], "--data", "extra=x"])
     assert unpaired.exit_code != 0 and "unpaired: extra" in unpaired.output
     both = runner.invoke(app, ["bench", "routing", *pairs, "--registry", str(registry)])
