@@ -535,13 +535,18 @@ def mount_experiment(method: str, train: FeatureSet, test: FeatureSet,
     old_sel = test.chunks.labels < k - 1
     old_scores = router.scores(test.subset(old_sel).feats[feat])
     retrains = method not in ("reconstruction", "likelihood")
+    update_s = after["fit_s"] if retrains else 0.0
+    if method == "unigram-mix":  # per-domain fits: mounting fits the new domain's alone
+        new = train.subset(train.chunks.labels == k - 1)
+        update_s = _timed(lambda: make_router(method, **router_kw).fit(
+            new.feats[feat], new.chunks.labels))[1]
     return {
         "method": method,
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
         "old_domains_after": routing_accuracy(old_scores, test.chunks.labels[old_sel]),
         "update": ON_MOUNT[method],
-        "update_s": after["fit_s"] if retrains else 0.0,
+        "update_s": update_s,
     }
 
 

@@ -167,13 +167,22 @@ def test_unigram_mix_routes_by_each_domains_own_unigrams():
     np.testing.assert_array_equal(two.scores(test), router.scores(test)[:, :2])
 
 
-def test_bench_runs_unigram_mix_beside_the_others():
+def test_bench_runs_unigram_mix_beside_the_others(monkeypatch):
+    from cir.compressor.evaluate import UnigramMixture
+
     train = _bag_features(0)
     test = _bag_features(1)
     row = evaluate_method("unigram-mix", train, test, {"alien": _bag_features(2, alien=True)})
     assert row["accuracy"] == 1.0 and row["ood"]["alien"]["auroc"] == 1.0
+    fitted = []  # the rows of every domain's fit, in order
+    real = UnigramMixture.fit_bags.__func__
+    monkeypatch.setattr(UnigramMixture, "fit_bags", classmethod(
+        lambda cls, bags, *a, **k: fitted.append(bags.shape[0]) or real(cls, bags, *a, **k)))
     mount = mount_experiment("unigram-mix", train, test)
     assert mount["accuracy_after"] == 1.0 and mount["update"].startswith("nothing retrained")
+    # before (2 domains), after (3), the old domains' scores (3), then the update: the
+    # new domain's 12 chunks alone
+    assert fitted == [12] * 9 and mount["update_s"] > 0.0
 
 
 def _bag_features(seed: int, alien: bool = False) -> FeatureSet:
