@@ -372,7 +372,11 @@ def bench_routing_cmd(
                                    "not name the dataset."),
     ood: list[str] = typer.Option(["random"], "--ood", help="OOD dataset (random, or a "
                                   "domain not mounted); repeat."),
-    max_train: int = typer.Option(200, help="Training chunks per domain for the baselines."),
+    max_train: int | None = typer.Option(None, min=1, help="Training chunks per domain the "
+                                         "baselines are fitted on (default: all, as the "
+                                         "compressors were trained)."),
+    max_train_latent: int = typer.Option(200, min=1, help="At most this many of them for the "
+                                         "baselines on latents (an encoder pass each)."),
     max_test: int = typer.Option(200, help="Held-out chunks per domain."),
     with_lm: bool = typer.Option(True, "--lm/--no-lm", help="Include likelihood routing "
                                  "(scores every expert LM)."),
@@ -421,7 +425,8 @@ def bench_routing_cmd(
     with progress(disable=as_json) as bar:
         task = bar.add_task("routing baselines", total=None, info="features + fits")
         result = bench_routing(domains, ood_sets, max_train=max_train, max_test=max_test,
-                               methods=list(dict.fromkeys(method)) or None, pooling=pooling)
+                               methods=list(dict.fromkeys(method)) or None, pooling=pooling,
+                               max_train_latent=max_train_latent)
         bar.update(task, total=1, completed=1)
     if as_json:
         print_json(result)

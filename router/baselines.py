@@ -412,10 +412,14 @@ def mean_embeddings(embedding: Any, ids: Any, mask: Any) -> np.ndarray:
     """Mean of the real tokens' embedding rows ``[N, D]`` (``embedding``: ``[V, D]``)."""
     import torch
 
+    table = torch.as_tensor(embedding).float()
+    out = []
     with torch.no_grad():
-        e = torch.as_tensor(embedding).float()[ids]  # [N, T, D]
-        m = mask.float().unsqueeze(-1)  # [N, T, 1]
-        return ((e * m).sum(1) / m.sum(1).clamp_min(1)).numpy()
+        for s in range(0, len(ids), 1024):  # [1024, T, D] at a time, not all chunks at once
+            e = table[ids[s : s + 1024]]  # [B, T, D]
+            m = mask[s : s + 1024].float().unsqueeze(-1)  # [B, T, 1]
+            out.append(((e * m).sum(1) / m.sum(1).clamp_min(1)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, table.shape[1]), dtype=np.float32)
 
 
 @dataclass
@@ -586,18 +590,23 @@ class DomainModels:
 def bench_routing(
     domains: dict[str, DomainModels],
     ood: dict[str, Any] | None = None,
-    max_train: int | None = 200,
+    max_train: int | None = None,
     max_test: int | None = 200,
     methods: Sequence[str] | None = None,
     pooling: str = "mean",
     seed: int = 0,
     n_clusters: int | None = None,
     k_nn: int = 10,
+    max_train_latent: int | None = 200,
 ) -> dict[str, Any]:
     """Every routing method on the same held-out chunks of ``domains`` (>= 2), OOD sets
     (name -> ``ChunkDataset``: random tokens, a domain not mounted), and, with 3 or more
     domains, the mount experiment. The first domain's compressor gives the shared latent
-    space and token embeddings of the feature baselines."""
+    space and token embeddings of the feature baselines.
+
+    The baselines are fitted on ``max_train`` training chunks per domain (default: all of
+    them, the data the compressors were trained on); those on latents (Mahalanobis, kNN)
+    on at most ``max_train_latent`` of them, since each costs an encoder pass."""
     if len(domains) < 2:
         raise ValueError("routing needs at least two domains")
     names = list(domains)
@@ -617,22 +626,29 @@ def bench_routing(
             raise ValueError(f"no {split} chunks in domain(s) {', '.join(empty)}: routing "
                              "accuracy would leave them out")
     needed = {FEATURE_OF[m] for m in methods}  # features only the named methods read
-    train = feats([d.train for d in domains.values()], max_train,
-                  needed & {"emb", "docs", "latent", "bags"})
+    train_sets = [d.train for d in domains.values()]
+    train = feats(train_sets, max_train, needed & {"emb", "docs", "bags"})
+    n_latent = min((n for n in (max_train, max_train_latent) if n is not None), default=None)
+    train_latent = feats(train_sets, n_latent, needed & {"latent"})
+
+    def train_for(method: str) -> FeatureSet:
+        return train_latent if FEATURE_OF[method] == "latent" else train
+
     test = feats([d.test for d in domains.values()], max_test, needed)
     ood_sets = {k: feats([v], max_test, needed) for k, v in (ood or {}).items()}
     latent_dim = (test.feats["latent"].shape[1] if "latent" in test.feats
                   else comps[0].config.d_model)
     rows = []
     for m in methods:
-        row = evaluate_method(m, train, test, ood_sets, **kw)
-        row["flops_per_chunk"] = flops_per_chunk(m, comps, lms, len(train.chunks), len(names),
-                                                 latent_dim)
+        row = evaluate_method(m, train_for(m), test, ood_sets, **kw)
+        row["flops_per_chunk"] = flops_per_chunk(m, comps, lms, len(train_for(m).chunks),
+                                                 len(names), latent_dim)
         row["accuracy_by_domain"] = dict(zip(names, row["accuracy_by_domain"], strict=True))
         rows.append(row)
-    mount = ([mount_experiment(m, train, test, **kw) for m in methods]
+    mount = ([mount_experiment(m, train_for(m), test, **kw) for m in methods]
              if len(names) >= 3 else [])
-    return {"domains": names, "n_train": len(train.chunks), "n_test": len(test.chunks),
+    return {"domains": names, "n_train": len(train.chunks),
+            "n_train_latent": len(train_latent.chunks), "n_test": len(test.chunks),
             "ood_sets": {k: len(v.chunks) for k, v in ood_sets.items()},
             "pooling": pooling, "methods": rows, "mount": mount,
             "mounted_last": names[-1] if mount else None}

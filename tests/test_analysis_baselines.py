@@ -83,6 +83,13 @@ def test_mean_embeddings_ignore_padding():
     ids = torch.tensor([[2, 4, 0]])
     mask = torch.tensor([[True, True, False]])
     np.testing.assert_allclose(mean_embeddings(emb, ids, mask), [[6.0, 7.0]])
+    g = torch.Generator().manual_seed(0)  # more chunks than one batch of 1024
+    ids = torch.randint(0, 6, (2500, 5), generator=g)
+    mask = torch.rand(2500, 5, generator=g) > 0.3
+    want = [(emb[i][m].mean(0) if m.any() else torch.zeros(2)).numpy()
+            for i, m in zip(ids, mask, strict=True)]
+    np.testing.assert_allclose(mean_embeddings(emb, ids, mask), want, rtol=1e-6)
+    assert mean_embeddings(emb, ids[:0], mask[:0]).shape == (0, 2)
 
 
 def test_likelihood_posterior_is_bayes_rule():

@@ -285,6 +285,15 @@ def test_cli_bench_routing_on_checkpoints_matches_the_registry(
     assert [r["method"] for r in two["mount"]] == []  # two domains: no mount experiment
     for r in two["methods"]:
         assert r["accuracy"] == got[r["method"]]["accuracy"], r["method"]
+    from cir.data import open_dataset
+
+    per_domain = [len(open_dataset(str(d), "train")) for d in (tiny_dataset, tiny_prose_dataset)]
+    sizes = _json(["bench", "routing", "--max-test", "10", "--no-lm", "--json", *pairs,
+                   "--max-train-latent", "2", "--method", "gate-tfidf", "--method",
+                   "mahalanobis"])
+    # by default the baselines see every training chunk, those on latents 2 per domain
+    assert sizes["n_train"] == sum(per_domain) and sizes["n_train_latent"] == 4
+    assert min(per_domain) > 2
     typo = runner.invoke(app, ["bench", "routing", *pairs, "--method", "knn"])
     assert typo.exit_code == 2 and "unknown method knn" in typo.output, typo.output
     no_lm = runner.invoke(app, ["bench", "routing", *pairs, "--method", "likelihood"])
