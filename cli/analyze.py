@@ -394,8 +394,9 @@ def bench_routing_cmd(
     """Reconstruction routing against likelihood, gating, c-BTM, Mahalanobis, kNN and unigrams.
 
     Likelihood routing (DEMix/BTM), a trained gate, c-BTM tf-idf + k-means, Mahalanobis and
-    kNN on latents, and each domain's mixture of unigrams (no network): accuracy, OOD AUROC / FPR@95, cost, and what a new domain needs (and,
-    with 3+ domains, accuracy after mounting the last).
+    kNN on latents, and each domain's mixture of unigrams (no network): accuracy, OOD
+    AUROC / FPR@95, cost, and what a new domain needs (and, with 3+ domains, accuracy after
+    mounting the last).
 
     Example: route-cli bench routing --ood random --max-test 200
 
