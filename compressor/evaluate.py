@@ -261,6 +261,17 @@ def _rescored_auroc_table(rows: list[EvalRow], datasets: dict[str, Any],
                         for r in rows])
 
 
+def token_bags(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> Any:
+    """Token counts ``[N, V]`` of each chunk's real tokens (a sparse CSR matrix), one row
+    per chunk of ``ids, mask [N, T]``, empty chunks included."""
+    import scipy.sparse as sp
+
+    m = mask.bool().numpy()
+    rows, cols = np.nonzero(m)
+    return sp.csr_matrix((np.ones(len(rows)), (rows, ids.numpy()[rows, cols])),
+                         shape=(m.shape[0], vocab_size))
+
+
 def chunk_bags(data: Any, vocab_size: int, max_chunks: int | None = None,
                batch: int = 4096) -> Any:
     """Token counts ``[N, V]`` (a sparse CSR matrix) of ``data``'s chunks: the same chunks,
@@ -271,11 +282,8 @@ def chunk_bags(data: Any, vocab_size: int, max_chunks: int | None = None,
     parts = []
     for start in range(0, len(idx), batch):
         ids, mask = data.get_batch(idx[start : start + batch])
-        m = mask.bool().numpy()
-        keep = m.any(1)  # chunks with tokens
-        rows, cols = np.nonzero(m[keep])
-        parts.append(sp.csr_matrix((np.ones(len(rows)), (rows, ids.numpy()[keep][rows, cols])),
-                                   shape=(int(keep.sum()), vocab_size)))
+        keep = mask.bool().any(1)  # chunks with tokens
+        parts.append(token_bags(ids[keep], mask[keep], vocab_size))
     return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, vocab_size))
 
 

@@ -398,16 +398,6 @@ def lm_nll(lms: Sequence[Any], ids: Any, mask: Any) -> tuple[np.ndarray, np.ndar
             np.stack([o["n_tokens"].double().numpy() for o in outs], axis=1))
 
 
-def token_bags(ids: Any, mask: Any, vocab_size: int) -> Any:
-    """Token counts ``[N, V]`` of every chunk's real tokens (a sparse CSR matrix)."""
-    import scipy.sparse as sp
-
-    m = mask.bool().numpy()
-    rows, cols = np.nonzero(m)
-    return sp.csr_matrix((np.ones(len(rows)), (rows, ids.numpy()[rows, cols])),
-                         shape=(m.shape[0], vocab_size))
-
-
 def mean_embeddings(embedding: Any, ids: Any, mask: Any) -> np.ndarray:
     """Mean of the real tokens' embedding rows ``[N, D]`` (``embedding``: ``[V, D]``)."""
     import torch
@@ -465,6 +455,7 @@ def compute_features(chunks: Chunks, compressors: Sequence[Any], lms: Sequence[A
     """Features of ``chunks`` (``kinds``, default all): reconstruction losses, LM NLLs (when
     ``lms``), mean token embeddings, tf-idf documents, the ``reference`` compressor's
     pooled latents."""
+    from cir.compressor.evaluate import token_bags
     from cir.router.latent_index import encode_pooled
 
     fs = FeatureSet(chunks)

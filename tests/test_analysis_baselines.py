@@ -149,7 +149,8 @@ def test_unigram_mix_routes_by_each_domains_own_unigrams():
     vocabulary scores as OOD, and a domain's scores do not change when another is mounted
     (each domain's unigrams are fitted on its own chunks alone)."""
     import scipy.sparse as sp
-    from cir.router.baselines import UnigramMixtureRouter, token_bags
+    from cir.compressor.evaluate import token_bags
+    from cir.router.baselines import UnigramMixtureRouter
 
     rng = np.random.default_rng(0)
 
@@ -193,7 +194,7 @@ def test_bench_runs_unigram_mix_beside_the_others(monkeypatch):
 
 
 def _bag_features(seed: int, alien: bool = False) -> FeatureSet:
-    from cir.router.baselines import token_bags
+    from cir.compressor.evaluate import token_bags
 
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(3), 12)
