@@ -442,9 +442,11 @@ class Compressor(nn.Module):
         ``flops_per_token``). With ``n_codes``, the encoder and the code head alone: the
         codes' reconstructions are decoded once per ``score`` call and only looked up."""
         c = self.config
+        encoder, decoder = self._forward_flops_per_token()
         if not c.n_codes:
-            return self.encoder_flops() + self._forward_flops_per_token()[1] * c.seq_len
-        return self.encoder_flops() + 2.0 * c.n_latents * c.d_model * c.n_codes
+            return (encoder + decoder) * c.seq_len
+        return encoder * c.seq_len + 2.0 * c.n_latents * c.d_model * c.n_codes
+
 
 class CodeLogits(NamedTuple):
     """A discrete-bottleneck compressor's training output (``n_codes`` codes)."""
