@@ -103,6 +103,8 @@ class Router:
     """A fitted router: ``scores(x) [N, K]`` (argmax = route) and ``ood_score(x) [N]``."""
 
     name = "router"
+    # each domain's part is fitted on that domain's rows alone: a mount fits the new one only
+    fits_per_domain = False
 
     def fit(self, x: Any, y: np.ndarray) -> Router:
         return self
@@ -302,6 +304,7 @@ class UnigramMixtureRouter(Router):
     """Each domain's own mixture of ``n_components`` unigrams; lowest cross-entropy wins."""
 
     name = "unigram-mix"
+    fits_per_domain = True
 
     def __init__(self, n_components: int = UNIGRAM_MIX_COMPONENTS, seed: int = 0) -> None:
         self.n_components = n_components
@@ -531,7 +534,7 @@ def mount_experiment(method: str, train: FeatureSet, test: FeatureSet,
     old_scores = router.scores(test.subset(old_sel).feats[feat])
     retrains = method not in ("reconstruction", "likelihood")
     update_s = after["fit_s"] if retrains else 0.0
-    if method == "unigram-mix":  # per-domain fits: mounting fits the new domain's alone
+    if router.fits_per_domain:  # mounting fits the new domain's part alone
         new = train.subset(train.chunks.labels == k - 1)
         update_s = _timed(lambda: make_router(method, **router_kw).fit(
             new.feats[feat], new.chunks.labels))[1]
