@@ -366,14 +366,20 @@ class Chunks:
         return len(self.labels)
 
 
-def take_chunks(datasets: Sequence[Any], max_chunks: int | None) -> Chunks:
-    """Evenly spread chunks of each dataset, labelled by its position in ``datasets``."""
+def take_chunks(datasets: Sequence[Any], max_chunks: int | None, read: bool = True) -> Chunks:
+    """Evenly spread chunks of each dataset, labelled by its position in ``datasets``;
+    ``read=False``: their labels only (ids and mask ``[N, 0]``), for when no feature is
+    computed from them."""
     import torch
     from cir.compressor.evaluate import pick_chunks
 
     ids, mask, labels = [], [], []
     for c, data in enumerate(datasets):
-        i, m = data.get_batch(pick_chunks(len(data), max_chunks))
+        picked = pick_chunks(len(data), max_chunks)
+        if read:
+            i, m = data.get_batch(picked)
+        else:
+            i, m = torch.zeros(len(picked), 0, dtype=torch.long), torch.zeros(len(picked), 0)
         ids.append(i)
         mask.append(m.bool())
         labels += [c] * len(i)
@@ -611,7 +617,8 @@ def bench_routing(
     kw = {"n_clusters": n_clusters or 4 * len(names), "k_nn": k_nn, "seed": seed}
 
     def feats(sets: Sequence[Any], n: int | None, kinds: Any = None) -> FeatureSet:
-        return compute_features(take_chunks(sets, n), comps, lms, comps[0], pooling, kinds)
+        chunks = take_chunks(sets, n, read=kinds is None or bool(kinds))
+        return compute_features(chunks, comps, lms, comps[0], pooling, kinds)
 
     # reconstruction and likelihood routing fit nothing: no need to score training chunks
     for split in ("train", "test"):

@@ -319,6 +319,17 @@ def test_cli_bench_routing_on_checkpoints_matches_the_registry(
         bags = _json(args + pairs + ["--method", "unigram-mix", "--method", "gate-tfidf"])
         assert [r["method"] for r in bags["methods"]] == ["unigram-mix", "gate-tfidf"]
         assert bags["methods"][0]["accuracy"] == got["unigram-mix"]["accuracy"]
+    with pytest.MonkeyPatch.context() as mp:  # nothing fitted: no training chunk is read
+        from cir.data.shards import ChunkDataset
+
+        real_batch = ChunkDataset.get_batch
+        read = []
+        mp.setattr(ChunkDataset, "get_batch",
+                   lambda self, idx: read.append(self.split) or real_batch(self, idx))
+        recon = _json(args + pairs + ["--method", "reconstruction"])
+        assert "train" not in read and "test" in read
+        assert recon["n_train"] == via_ckpts["n_train"]
+        assert recon["methods"][0]["accuracy"] == got["reconstruction"]["accuracy"]
     unpaired = runner.invoke(app, ["bench", "routing", *pairs[:4], "--data", "extra=x"])
     assert unpaired.exit_code != 0 and "unpaired: extra" in unpaired.output
     both = runner.invoke(app, ["bench", "routing", *pairs, "--registry", str(registry)])
