@@ -373,8 +373,9 @@ def bench_routing_cmd(
     ood: list[str] = typer.Option(["random"], "--ood", help="OOD dataset (random, or a "
                                   "domain not mounted); repeat."),
     max_train: int | None = typer.Option(None, min=1, help="Training chunks per domain the "
-                                         "baselines are fitted on (default: all, as the "
-                                         "compressors were trained)."),
+                                         "baselines are fitted on, spread evenly (default: "
+                                         "20,000, at least a `small` compressor's training "
+                                         "data; all of them when fewer)."),
     max_train_latent: int = typer.Option(200, min=1, help="At most this many of them for the "
                                          "baselines on latents (an encoder pass each)."),
     max_test: int = typer.Option(200, help="Held-out chunks per domain."),
@@ -425,9 +426,10 @@ def bench_routing_cmd(
                 for name in ood}
     with progress(disable=as_json) as bar:
         task = bar.add_task("routing baselines", total=None, info="features + fits")
-        result = bench_routing(domains, ood_sets, max_train=max_train, max_test=max_test,
+        sizes = {} if max_train is None else {"max_train": max_train}  # else its default
+        result = bench_routing(domains, ood_sets, max_test=max_test,
                                methods=list(dict.fromkeys(method)) or None, pooling=pooling,
-                               max_train_latent=max_train_latent)
+                               max_train_latent=max_train_latent, **sizes)
         bar.update(task, total=1, completed=1)
     if as_json:
         print_json(result)

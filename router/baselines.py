@@ -587,10 +587,16 @@ class DomainModels:
     test: Any
 
 
+# Training chunks per domain the baselines are fitted on by default: more than a `small`
+# compressor draws in training (1,000 steps x 16) and than a 5M-token corpus holds (~10K),
+# and a bound on memory (ids, and tf-idf documents) for larger corpora.
+MAX_TRAIN_CHUNKS = 20_000
+
+
 def bench_routing(
     domains: dict[str, DomainModels],
     ood: dict[str, Any] | None = None,
-    max_train: int | None = None,
+    max_train: int | None = MAX_TRAIN_CHUNKS,
     max_test: int | None = 200,
     methods: Sequence[str] | None = None,
     pooling: str = "mean",
@@ -604,9 +610,10 @@ def bench_routing(
     domains, the mount experiment. The first domain's compressor gives the shared latent
     space and token embeddings of the feature baselines.
 
-    The baselines are fitted on ``max_train`` training chunks per domain (default: all of
-    them, the data the compressors were trained on); those on latents (Mahalanobis, kNN)
-    on at most ``max_train_latent`` of them, since each costs an encoder pass."""
+    The baselines are fitted on ``max_train`` training chunks per domain (``None``: all;
+    the default ``MAX_TRAIN_CHUNKS`` is at least the data a `small` compressor trains on);
+    those on latents (Mahalanobis, kNN) on at most ``max_train_latent`` of them, since each
+    costs an encoder pass."""
     if len(domains) < 2:
         raise ValueError("routing needs at least two domains")
     names = list(domains)

@@ -204,3 +204,14 @@ def _bag_features(seed: int, alien: bool = False) -> FeatureSet:
     fs = FeatureSet(Chunks(ids, mask, y))
     fs.feats["bags"] = token_bags(ids, mask, 128)
     return fs
+
+
+def test_baselines_see_at_least_a_small_compressors_training_data_by_default():
+    import inspect
+
+    from cir.compressor.train import default_train_config
+    from cir.router.baselines import MAX_TRAIN_CHUNKS, bench_routing
+
+    small = default_train_config("small")
+    assert inspect.signature(bench_routing).parameters["max_train"].default == MAX_TRAIN_CHUNKS
+    assert MAX_TRAIN_CHUNKS >= small.steps * small.batch_size
