@@ -52,6 +52,11 @@ class CompressorConfig:
     n_codes: int = 0
     # how soft a chunk's training share between codes is, in nats per token (_code_loss)
     code_temperature: float = 0.01
+    # True: training splits each batch evenly between the codes (balanced_shares). False:
+    # each chunk trains the codes by how well they reconstruct it alone, hard EM as the
+    # temperature goes to 0; the codes start apart instead, each at one training chunk's
+    # unigram (Compressor.init_code_bias)
+    code_balance: bool = True
 
     presets: ClassVar[dict[str, dict[str, Any]]]
 
@@ -104,11 +109,11 @@ class CompressorConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressorConfig:
         """Strict: unknown or missing fields are an error naming them; the fields added
-        later (``n_codes``, ``code_temperature``) take their defaults in a config saved
-        before them."""
+        later (``n_codes``, ``code_temperature``, ``code_balance``) take their defaults in
+        a config saved before them."""
         if isinstance(data, dict):
             later = {f.name: f.default for f in dataclasses.fields(cls)
-                     if f.name in ("n_codes", "code_temperature")}
+                     if f.name in ("n_codes", "code_temperature", "code_balance")}
             data = {**later, **data}
         return config_from_dict(cls, data)
 
@@ -281,6 +286,73 @@ class Compressor(nn.Module):
         logits = self.decode(self.codebook[pick].to(z.dtype), positions)
         return logits + self.code_bias[pick][:, None, :].to(logits.dtype)
 
+    @torch.no_grad()
+    def init_code_bias(self, token_counts: torch.Tensor) -> None:
+        """Start each code's output shift at the log add-one unigram of its row of
+        ``token_counts [n_codes, V]`` (one training chunk's counts: codes that start apart
+        part without balanced shares, as hard EM's clusters do)."""
+        if not self.config.n_codes:
+            raise ValueError("init_code_bias() needs a compressor with n_codes")
+        if tuple(token_counts.shape) != tuple(self.code_bias.shape):
+            raise ValueError(f"token counts of shape {tuple(token_counts.shape)}; the codes "
+                             f"need {tuple(self.code_bias.shape)}")
+        counts = token_counts.double() + 1.0
+        self.code_bias.copy_((counts / counts.sum(-1, keepdim=True)).log())
+
+    @torch.no_grad()
+    def refit_codes(self, ids: torch.Tensor, mask: torch.Tensor, iters: int = 50,
+                    tol: float = 1e-3) -> dict[str, Any]:
+        """Refit each code's output shift to the chunks its encoder picks among ``ids, mask
+        [N, T]``: the shift that maximises their likelihood under the code, its token
+        counts add-one smoothed (the M-step of hard EM, with the encoder's picks as the
+        E-step). The decoder's share of each code's logits and the picks are unchanged.
+
+        Solved by iterative scaling: the shift moves by log(observed / expected counts),
+        which is exact in one round for logits that do not depend on the position, until
+        no token's expected count is more than ``tol`` (relative) off. Training learns the
+        shifts by gradient steps of at most about the learning rate each, too few to reach
+        the rare tokens' log-probabilities in a short run (docs/results/cpu-compressor.md).
+        Returns the chunks each code took and the rounds run."""
+        C, V = self.config.n_codes, self.config.vocab_size
+        if not C:
+            raise ValueError("refit_codes() needs a compressor with n_codes")
+        was_training = self.training
+        self.eval()
+        device = self.code_bias.device
+        mask = mask.bool()
+        keep = mask.any(1)
+        ids, mask = ids[keep], mask[keep]
+        T = ids.shape[1]
+        picks = torch.cat([
+            self.code_choice(self.encode(ids[s : s + 256].to(device),
+                                         mask[s : s + 256].to(device))).argmax(-1).cpu()
+            for s in range(0, len(ids), 256)
+        ]) if len(ids) else torch.zeros(0, dtype=torch.long)
+        base = self.decode(self.codebook)[:, :T].float()  # [C, T, V], without the shifts
+        rounds = []
+        for c in range(C):
+            mine = picks == c
+            if not mine.any():  # a code no chunk picks keeps its shift
+                rounds.append(0)
+                continue
+            tok_ids, tok_mask = ids[mine], mask[mine]
+            counts = torch.bincount(tok_ids[tok_mask], minlength=V).double().to(device) + 1.0
+            per_position = tok_mask.sum(0).double().to(device)  # [T] chunks with a token there
+            target = counts * (per_position.sum() / counts.sum())  # [V], add-one, rescaled
+            shift = self.code_bias[c].double()
+            rounds.append(0)
+            while rounds[-1] < iters:
+                rounds[-1] += 1
+                probs = torch.softmax(base[c].double() + shift, dim=-1)  # [T, V]
+                ratio = target / (per_position @ probs)  # observed / expected counts, [V]
+                shift = shift + ratio.log()
+                if (ratio - 1.0).abs().max() <= tol:
+                    break
+            self.code_bias[c].copy_(shift - shift.logsumexp(0))
+        self.train(was_training)
+        return {"chunks": len(ids), "code_use": torch.bincount(picks, minlength=C).tolist(),
+                "rounds": rounds}
+
     def code_logits(self, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[C, seq_len or P, V]`` of every code's reconstruction (its latent set,
         plus its output shift). They do not depend on the input: one decoder pass over the
@@ -314,7 +386,8 @@ class Compressor(nn.Module):
         if self.config.n_codes and self.training:
             per_code = self.code_logits(positions)
             return CodeLogits(per_code if positions is not None else per_code[:, :T],
-                              self.code_choice(z), self.config.code_temperature)
+                              self.code_choice(z), self.config.code_temperature,
+                              self.config.code_balance)
         if positions is not None:
             return self.reconstruct(z, positions)
         return self.reconstruct(z)[:, :T]
@@ -454,6 +527,7 @@ class CodeLogits(NamedTuple):
     per_code: torch.Tensor  # [C, T, V] logits of each code's reconstruction
     choice: torch.Tensor  # [B, C] the encoder's log-weights over the codes (fp32)
     temperature: float  # nats per token: how soft a chunk's share between codes is
+    balanced: bool = True  # shares split each batch evenly between the codes
 
 
 def loss_fn(
@@ -508,7 +582,8 @@ def _code_loss(
     tok = logp[:, torch.arange(T, device=ids.device)[None, :], ids]  # [C, B, T]
     n_chunk = mask.sum(-1)  # [B]
     ce = -(tok * mask).sum(-1).T / n_chunk.clamp(min=1)[:, None]  # [B, C]
-    share = balanced_shares(-ce.detach() / out.temperature)  # [B, C]
+    fit = -ce.detach() / out.temperature  # [B, C]
+    share = balanced_shares(fit) if out.balanced else torch.softmax(fit, dim=-1)
     weight = n_chunk / n_chunk.sum().clamp(min=1)  # token-weighted over chunks
     recon = ((share * ce).sum(-1) * weight).sum()
     choice = F.nll_loss(out.choice, ce.detach().argmin(-1))  # pick the best code

@@ -135,8 +135,10 @@ def train_compressor(
     cfg = train_cfg or default_train_config(preset)
     torch_seed_model(cfg.seed)
     model = build_compressor(preset, train_data, **(overrides or {}))
+    if model.config.n_codes and not model.config.code_balance:
+        model.init_code_bias(seed_chunk_counts(train_data, model.config, cfg.seed))
     fraction = loss_fraction_for(preset, loss_fraction)
-    return train(
+    result = train(
         model,
         sampled_loss_fn(fraction),
         train_data,
@@ -148,6 +150,58 @@ def train_compressor(
         stop_at=stop_at,
         init_from=init_from,
     )
+    if model.config.n_codes and not result.stopped_early and _is_main_process():
+        refit_saved_codes(model, train_data, result.out_dir, result.step)
+    return result
+
+
+# training chunks the codes are refitted to after training (evenly spread; 2M tokens of 512)
+REFIT_CHUNKS = 4096
+# the weights' metadata key that says their codes were refitted (with the refit's figures)
+REFIT_KEY = "codes_refit"
+
+
+def refit_saved_codes(model: Any, train_data: Any, out_dir: str | Path, step: int,
+                      max_chunks: int = REFIT_CHUNKS) -> dict[str, Any] | None:
+    """Refit a coded compressor's output shifts to its training chunks
+    (``Compressor.refit_codes``) and save the weights with the refit's figures in their
+    metadata; ``None`` without doing anything when the saved weights already say so, so
+    re-running a finished command changes nothing."""
+    import json
+
+    from cir.compressor.evaluate import pick_chunks
+
+    from cir.checkpoint import WEIGHTS_FILE, save_weights, weights_metadata
+
+    path = Path(out_dir) / WEIGHTS_FILE
+    if REFIT_KEY in weights_metadata(path):
+        return None
+    ids, mask = train_data.get_batch(pick_chunks(len(train_data), max_chunks))
+    info = model.refit_codes(ids, mask)
+    save_weights(path, model, metadata={"step": str(step), REFIT_KEY: json.dumps(info)})
+    return info
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` launch, or a process launched alone."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def seed_chunk_counts(data: Any, config: CompressorConfig, seed: int) -> Any:
+    """Token counts ``[n_codes, V]`` of ``n_codes`` distinct training chunks drawn with
+    ``seed``, where each code's output shift starts (``init_code_bias``)."""
+    import numpy as np
+    import torch
+    from cir.compressor.evaluate import token_bags
+
+    if len(data) < config.n_codes:
+        raise ValueError(f"{config.n_codes} codes need at least as many training chunks; "
+                         f"the data has {len(data)}")
+    idx = np.random.default_rng(seed).choice(len(data), size=config.n_codes, replace=False)
+    ids, mask = data.get_batch(np.sort(idx))
+    return torch.from_numpy(token_bags(ids, mask, config.vocab_size).toarray())
 
 
 def torch_seed_model(seed: int) -> None:

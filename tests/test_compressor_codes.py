@@ -5,6 +5,7 @@ clusters of their training domain."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -21,17 +22,25 @@ from cir.compressor.model import (
     loss_fn,
     sampled_loss_fn,
 )
-from cir.compressor.train import default_train_config, train_compressor
+from cir.compressor.train import (
+    REFIT_KEY,
+    default_train_config,
+    refit_saved_codes,
+    seed_chunk_counts,
+    train_compressor,
+)
 from safetensors.torch import load_file
 
-from cir.checkpoint import load_checkpoint
+from cir.checkpoint import load_checkpoint, weights_metadata
 
 
 def test_code_fields_are_checked_and_default_in_older_configs():
     cfg = CompressorConfig.from_name("debug")
     assert (cfg.n_codes, cfg.code_temperature) == (0, 0.01)
+    assert cfg.code_balance
     saved = dataclasses.asdict(cfg)
     del saved["n_codes"], saved["code_temperature"]  # a config.json written before them
+    del saved["code_balance"]
     assert CompressorConfig.from_dict(saved) == cfg
     with pytest.raises(ValueError, match="n_codes must be 0"):
         CompressorConfig.from_name("debug", n_codes=1)
@@ -64,13 +73,15 @@ def _reference_code_loss(out: CodeLogits, ids, mask):
             ce[b, c] = F.cross_entropy(out.per_code[c, real].float(), ids[b, real])
     n = mask.sum(1).float()
     w = n / n.sum()
-    share = balanced_shares(-ce.detach() / out.temperature)
+    fit = -ce.detach() / out.temperature
+    share = balanced_shares(fit) if out.balanced else torch.softmax(fit, 1)
     objective = (w * (share * ce).sum(1)).sum() + F.nll_loss(out.choice, ce.argmin(1))
     pick = out.choice.argmax(1)
     return objective, (w * ce[torch.arange(B), pick]).sum()
 
 
-def test_code_loss_matches_a_per_chunk_loop():
+@pytest.mark.parametrize("balanced", [True, False])
+def test_code_loss_matches_a_per_chunk_loop(balanced):
     g = torch.Generator().manual_seed(1)
     B, C, T, V = 5, 3, 7, 11
     ids = torch.randint(0, V, (B, T), generator=g)
@@ -79,7 +90,8 @@ def test_code_loss_matches_a_per_chunk_loop():
     mask[3, 2:] = False
     logits = torch.randn(C, T, V, generator=g, requires_grad=True)
     choice_logits = torch.randn(B, C, generator=g, requires_grad=True)
-    out = CodeLogits(logits, F.log_softmax(choice_logits, -1), temperature=0.5)
+    out = CodeLogits(logits, F.log_softmax(choice_logits, -1), temperature=0.5,
+                     balanced=balanced)
     loss, stats = _code_loss(out, ids, mask)
     objective, picked = _reference_code_loss(out, ids, mask)
     torch.testing.assert_close(loss, picked)  # the value reported: the picked code's
@@ -232,3 +244,146 @@ def test_sampled_positions_use_the_same_code_loss():
     want, _ = _code_loss(model(ids, mask, pos), ids[:, pos], mask[:, pos])
     torch.testing.assert_close(loss, want)
     assert int(stats["n_targets"]) == int(mask[:, pos].sum())
+
+
+def test_free_shares_train_each_chunks_best_codes():
+    """Without balance, a batch that every chunk fits best with code 0 trains code 0 most
+    (each chunk's shares are its own softmax: 0.77 / 0.23 here); balanced shares hand
+    code 1 half of the batch."""
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    per_code = torch.zeros(2, 3, 5)
+    per_code[0, :, 0] = 2.0  # code 0 gives token 0 more mass: a better fit for every chunk
+    trained = {}
+    for balanced in (True, False):
+        logits = per_code.clone().requires_grad_(True)
+        out = CodeLogits(logits, F.log_softmax(torch.zeros(4, 2), -1), 1.0, balanced)
+        (grad,) = torch.autograd.grad(_code_loss(out, ids, mask)[0], logits)
+        trained[balanced] = grad[:, :, 0].sum(1)  # [C] each code's pull on token 0
+    ce = torch.tensor([math.log(1 + 4 * math.exp(-2.0)), math.log(5.0)])
+    free = torch.softmax(-ce, 0)  # each chunk's shares without balance
+    # d(share * CE)/d(logit of token 0), CE a mean over the 3 positions: -share * (1 - p0)
+    p0 = torch.tensor([math.exp(2.0) / (math.exp(2.0) + 4), 0.2])
+    torch.testing.assert_close(trained[False], -free * (1 - p0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(trained[True], -0.5 * (1 - p0), rtol=1e-3, atol=1e-6)
+
+
+def test_unbalanced_codes_start_at_distinct_chunks():
+    data = Halves(40, seed=8)
+    cfg = CompressorConfig.from_name("debug", n_codes=3, code_balance=False)
+    counts = seed_chunk_counts(data, cfg, seed=5)
+    assert counts.shape == (3, 512)
+    assert torch.equal(counts, seed_chunk_counts(data, cfg, seed=5))  # a function of the seed
+    assert not torch.equal(counts, seed_chunk_counts(data, cfg, seed=6))
+    lengths = sorted(int(n) for n in counts.sum(1))
+    idx = np.random.default_rng(5).choice(40, size=3, replace=False)
+    assert lengths == sorted(int(data.lengths[i]) for i in idx)  # three distinct chunks
+    model = Compressor(cfg)
+    model.init_code_bias(counts)
+    want = ((counts.double() + 1) / (counts.double() + 1).sum(1, keepdim=True)).log()
+    torch.testing.assert_close(model.code_bias.double(), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="need"):
+        model.init_code_bias(counts[:2])
+    with pytest.raises(ValueError, match="at least as many training chunks"):
+        seed_chunk_counts(Halves(2, seed=1), cfg, seed=0)
+    with pytest.raises(ValueError, match="n_codes"):
+        Compressor(CompressorConfig.from_name("debug")).init_code_bias(counts)
+
+
+def _position_blind(model: Compressor) -> Compressor:
+    """Every position query alike: each code's logits are the same at every position."""
+    with torch.no_grad():
+        model.pos_queries.copy_(model.pos_queries[:1].expand_as(model.pos_queries))
+    return model
+
+
+def test_refit_codes_is_the_add_one_unigram_of_each_codes_chunks():
+    """With logits alike at every position the refit is exact in one round: each code's
+    reconstruction is the add-one unigram of the chunks its encoder picks, counted by
+    hand; the picks and the decoder do not move, and a code nobody picks keeps its shift."""
+    torch.manual_seed(0)
+    model = _position_blind(Compressor(CompressorConfig.from_name("debug", n_codes=3)))
+    with torch.no_grad():
+        model.code_bias.normal_()
+    data = Halves(48, seed=9, empty=(5,))
+    ids, mask = data.get_batch(np.arange(48))
+    model.eval()
+    with torch.no_grad():
+        picks = model.code_choice(model.encode(ids, mask)).argmax(-1)
+        before = model.code_bias.clone()
+        decoder = {k: v.clone() for k, v in model.state_dict().items() if k != "code_bias"}
+    info = model.refit_codes(ids, mask)
+    real = mask.bool().any(1)
+    assert info["chunks"] == int(real.sum()) == 47
+    assert info["code_use"] == torch.bincount(picks[real], minlength=3).tolist()
+    logp = F.log_softmax(model.code_logits().float(), -1)  # [C, T, V]
+    for c in range(3):
+        mine = (picks == c) & real
+        if not mine.any():
+            torch.testing.assert_close(model.code_bias[c], before[c])
+            continue
+        counts = np.bincount(ids[mine][mask[mine].bool()].numpy(), minlength=512) + 1.0
+        want = torch.from_numpy(np.log(counts / counts.sum())).float()
+        for t in (0, 17, 31):
+            torch.testing.assert_close(logp[c, t], want, rtol=0, atol=1e-4)
+        assert info["rounds"][c] <= 2
+    with torch.no_grad():
+        assert torch.equal(model.code_choice(model.encode(ids, mask)).argmax(-1), picks)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in decoder.items())
+    with pytest.raises(ValueError, match="n_codes"):
+        Compressor(CompressorConfig.from_name("debug")).refit_codes(ids, mask)
+
+
+def test_refit_codes_matches_observed_counts_where_positions_differ():
+    """With logits that depend on the position, the refit is the maximum-likelihood shift:
+    the tokens each code expects over its chunks' positions are the add-one counts seen
+    there (the likelihood's gradient in the shift is zero), and refitting again moves
+    nothing."""
+    torch.manual_seed(1)
+    model = Compressor(CompressorConfig.from_name("debug", n_codes=2), position_init="sinusoid")
+    data = Halves(40, seed=10)
+    ids, mask = data.get_batch(np.arange(40))
+    info = model.refit_codes(ids, mask, iters=200, tol=1e-7)
+    with torch.no_grad():
+        picks = model.code_choice(model.encode(ids, mask)).argmax(-1)
+        probs = F.softmax(model.code_logits().double(), -1)  # [C, T, V]
+    for c in range(2):
+        mine = picks == c
+        if not mine.any():
+            continue
+        per_position = mask[mine].sum(0).double()  # [T]
+        expected = torch.einsum("t,tv->v", per_position, probs[c])
+        counts = torch.bincount(ids[mine][mask[mine].bool()], minlength=512).double() + 1.0
+        torch.testing.assert_close(expected, counts * per_position.sum() / counts.sum(),
+                                   rtol=1e-4, atol=1e-6)
+    assert max(info["rounds"]) > 1  # positions differ: more than the one exact round
+    again = model.code_bias.clone()
+    model.refit_codes(ids, mask, iters=200, tol=1e-7)
+    torch.testing.assert_close(model.code_bias, again, rtol=0, atol=1e-5)
+
+
+def test_training_refits_the_codes_once(tmp_path):
+    """A coded run ends with its codes refitted to the training chunks, said in the weights'
+    metadata; re-running the finished command changes no byte; a run stopped early is
+    not refitted until it finishes."""
+    data = Halves(64, seed=11)
+    cfg = default_train_config("debug", steps=12, device="cpu")
+    kw = dict(preset="debug", overrides={"n_codes": 2, "code_balance": False}, train_cfg=cfg)
+    cut = train_compressor(data, tmp_path / "c", stop_at=6, **kw)
+    assert cut.stopped_early
+    assert REFIT_KEY not in weights_metadata(tmp_path / "c" / "model.safetensors")
+    train_compressor(data, tmp_path / "c", **kw)
+    meta = weights_metadata(tmp_path / "c" / "model.safetensors")
+    assert meta["step"] == "12" and REFIT_KEY in meta
+    assert json.loads(meta[REFIT_KEY])["chunks"] == 64
+    first = (tmp_path / "c" / "model.safetensors").read_bytes()
+    assert train_compressor(data, tmp_path / "c", **kw).step == 12
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == first
+    model = load_checkpoint(tmp_path / "c")
+    assert refit_saved_codes(model, data, tmp_path / "c", 12) is None
+    # the saved shifts are the refit of the saved model: refitting them again moves nothing
+    ids, mask = data.get_batch(np.arange(64))
+    saved = model.code_bias.clone()
+    model.refit_codes(ids, mask)
+    torch.testing.assert_close(model.code_bias, saved, rtol=0, atol=1e-3)
