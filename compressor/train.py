@@ -123,6 +123,7 @@ def train_compressor(
     stop_at: int | None = None,
     loss_fraction: float | None = None,
     init_from: str | Path | None = None,
+    refit_codes: bool = True,
 ) -> TrainResult:
     """Train a ``preset`` compressor on ``data`` (dataset name, directory or opened
     ``ChunkDataset``, or a list of names or directories trained on together); validation
@@ -130,7 +131,9 @@ def train_compressor(
     ends early after that step, checkpoint included (as a kill would). ``loss_fraction``
     takes the training loss on that share of positions (default: the preset's); keep it
     the same when resuming. ``init_from``: continue from a checkpoint's weights with a
-    fresh optimizer (``cir.train.train``; ignored once ``out_dir`` holds a checkpoint)."""
+    fresh optimizer (``cir.train.train``; ignored once ``out_dir`` holds a checkpoint).
+    ``refit_codes``: a coded compressor's output shifts are refitted to its training
+    chunks once training is done (``refit_saved_codes``)."""
     train_data = open_split(data, "train")
     cfg = train_cfg or default_train_config(preset)
     torch_seed_model(cfg.seed)
@@ -150,7 +153,8 @@ def train_compressor(
         stop_at=stop_at,
         init_from=init_from,
     )
-    if model.config.n_codes and not result.stopped_early and _is_main_process():
+    if (refit_codes and model.config.n_codes and not result.stopped_early
+            and _is_main_process()):
         refit_saved_codes(model, train_data, result.out_dir, result.step)
     return result
 

@@ -7,7 +7,8 @@
 #   python-code$SUFFIX python-docs$SUFFIX python-prose$SUFFIX c-code$SUFFIX man-pages$SUFFIX,
 #   the last four with the first one's --tokenizer.
 # env: SUFFIX (default: none, the 8,192-token corpora), SEEDS (default "0 1 2 3"),
-#   STEPS (default 1000), EXTRA (more `compressor train` flags, e.g. "--set n_codes=8 --lr 6e-3")
+#   STEPS (default 1000), EXTRA (more `compressor train` flags, e.g. "--set n_codes=8 --lr 6e-3"),
+#   TAG (names this sweep's runs and logs apart from another's, e.g. "-codes")
 # Writes $OUT/small-routing.tgz (every JSON) and prints one line per evaluation.
 set -euo pipefail
 source scripts/gpu_setup.sh
@@ -15,18 +16,19 @@ SUFFIX=${SUFFIX:-}
 SEEDS=${SEEDS:-0 1 2 3}
 STEPS=${STEPS:-1000}
 EXTRA=${EXTRA:-}
+TAG=${TAG:-}
 DOMAINS="python-code python-docs c-code man-pages"
-LOGS=$CIR_HOME/logs/small-routing$SUFFIX
+LOGS=$CIR_HOME/logs/small-routing$SUFFIX$TAG
 mkdir -p "$LOGS"
 
 train() {  # domain seed
   # shellcheck disable=SC2086  # EXTRA holds several flags
-  route-cli compressor train --data "$1$SUFFIX" --out "$CIR_HOME/runs/$1$SUFFIX-s$2" \
+  route-cli compressor train --data "$1$SUFFIX" --out "$CIR_HOME/runs/$1$SUFFIX$TAG-s$2" \
     --preset small --steps "$STEPS" --seed "$2" --device cuda --json $EXTRA \
     > "$LOGS/$1-s$2.train.json" 2> "$LOGS/$1-s$2.train.err"
 }
 separation() {  # seed: the python-code compressor against all docs and prose chunks
-  local run=$CIR_HOME/runs/python-code$SUFFIX-s$1
+  local run=$CIR_HOME/runs/python-code$SUFFIX$TAG-s$1
   route-cli compressor eval "$run" --data "python-code$SUFFIX" --data "python-docs$SUFFIX" \
     --data "python-prose$SUFFIX" --data random --ood-split all --device cuda \
     --precision fp32 --json > "$LOGS/eval-all-s$1.json"
@@ -36,11 +38,11 @@ separation() {  # seed: the python-code compressor against all docs and prose ch
 routing() {  # seed; knn-latent is left out: the GPU machine has no faiss
   local args=()
   for d in $DOMAINS; do
-    args+=(--compressor "$d=$CIR_HOME/runs/$d$SUFFIX-s$1" --data "$d=$d$SUFFIX")
+    args+=(--compressor "$d=$CIR_HOME/runs/$d$SUFFIX$TAG-s$1" --data "$d=$d$SUFFIX")
   done
-  route-cli bench routing "${args[@]}" --ood random --max-train 200 --max-test 100000 \
+  route-cli bench routing "${args[@]}" --ood random --max-test 100000 \
     --no-lm --device cuda --method reconstruction --method gate-tfidf \
-    --method tfidf-kmeans --method mahalanobis --json > "$LOGS/route-s$1.json"
+    --method tfidf-kmeans --method mahalanobis --method unigram-mix --json > "$LOGS/route-s$1.json"
 }
 
 SECONDS=0
@@ -50,7 +52,7 @@ echo "trained in ${SECONDS}s"
 for s in $SEEDS; do separation "$s" & routing "$s" & done
 wait
 echo "evaluated in ${SECONDS}s"
-(cd "$LOGS" && tar czf "$OUT/small-routing$SUFFIX.tgz" ./*.json)
+(cd "$LOGS" && tar czf "$OUT/small-routing$SUFFIX$TAG.tgz" ./*.json)
 python3 - "$LOGS" <<'PY'
 import glob, json, os, sys
 for f in sorted(glob.glob(os.path.join(sys.argv[1], "eval-*.json"))):

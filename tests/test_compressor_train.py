@@ -309,3 +309,27 @@ def test_restrict_row_equals_scoring_only_those_documents(trained):
         restrict_row(row, data, keep[:3], "x")
     with pytest.raises(ValueError, match="no document index"):
         restrict_row(row, Chunks(40, seed=6), keep, "x")
+
+
+def test_cli_refits_coded_compressors_unless_told_not_to(tiny_dataset, tmp_path):
+    """A coded run ends refitted (its weights say so), `--no-refit-codes` keeps the trained
+    shifts, and the refit is what `refit_codes` gives those shifts on the training chunks."""
+    from cir.compressor.train import REFIT_CHUNKS, REFIT_KEY, open_split
+
+    from cir.checkpoint import weights_metadata
+
+    runner = CliRunner()
+    base = ["compressor", "train", "--data", str(tiny_dataset), "--preset", "debug", "--steps",
+            "4", "--device", "cpu", "--json", "--set", "n_codes=2", "--set", "seq_len=64"]
+    for name, extra in (("fit", []), ("raw", ["--no-refit-codes"])):
+        res = runner.invoke(app, [*base, "--out", str(tmp_path / name), *extra])
+        assert res.exit_code == 0, res.output
+    fit_meta = weights_metadata(tmp_path / "fit" / "model.safetensors")
+    assert REFIT_KEY in fit_meta
+    assert REFIT_KEY not in weights_metadata(tmp_path / "raw" / "model.safetensors")
+    raw, fit = load_checkpoint(tmp_path / "raw"), load_checkpoint(tmp_path / "fit")
+    train = open_split(str(tiny_dataset), "train")
+    ids, mask = train.get_batch(np.arange(min(len(train), REFIT_CHUNKS)))
+    info = raw.refit_codes(ids, mask)
+    assert json.loads(fit_meta[REFIT_KEY]) == info
+    torch.testing.assert_close(raw.code_bias, fit.code_bias, rtol=0, atol=1e-5)
