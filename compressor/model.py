@@ -301,11 +301,11 @@ class Compressor(nn.Module):
 
     @torch.no_grad()
     def refit_codes(self, ids: torch.Tensor, mask: torch.Tensor, iters: int = 50,
-                    tol: float = 1e-3) -> dict[str, Any]:
+                    tol: float = 1e-3, smoothing: float = 1.0) -> dict[str, Any]:
         """Refit each code's output shift to the chunks its encoder picks among ``ids, mask
-        [N, T]``: the shift that maximises their likelihood under the code, its token
-        counts add-one smoothed (the M-step of hard EM, with the encoder's picks as the
-        E-step). The decoder's share of each code's logits and the picks are unchanged.
+        [N, T]``: the shift that maximises their likelihood under the code, ``smoothing``
+        added to every token's count (add-one by default; the M-step of hard EM, with the
+        encoder's picks as the E-step). The decoder's share of each code's logits and the picks are unchanged.
 
         Solved by iterative scaling: the shift moves by log(observed / expected counts),
         which is exact in one round for logits that do not depend on the position, until
@@ -316,6 +316,8 @@ class Compressor(nn.Module):
         C, V = self.config.n_codes, self.config.vocab_size
         if not C:
             raise ValueError("refit_codes() needs a compressor with n_codes")
+        if not smoothing > 0:
+            raise ValueError(f"smoothing must be > 0, got {smoothing}")
         was_training = self.training
         self.eval()
         device = self.code_bias.device
@@ -336,7 +338,7 @@ class Compressor(nn.Module):
                 rounds.append(0)
                 continue
             tok_ids, tok_mask = ids[mine], mask[mine]
-            counts = torch.bincount(tok_ids[tok_mask], minlength=V).double().to(device) + 1.0
+            counts = torch.bincount(tok_ids[tok_mask], minlength=V).double().to(device) + smoothing
             per_position = tok_mask.sum(0).double().to(device)  # [T] chunks with a token there
             target = counts * (per_position.sum() / counts.sum())  # [V], add-one, rescaled
             shift = self.code_bias[c].double()

@@ -34,6 +34,31 @@ from safetensors.torch import load_file
 from cir.checkpoint import load_checkpoint, weights_metadata
 
 
+def test_checkpoints_saved_before_the_code_fields_load(tmp_path):
+    """A config.json written before ``n_codes``, ``code_temperature`` or ``code_balance``
+    existed loads (the fields take their defaults) to the same model."""
+    from cir.checkpoint import save_checkpoint
+
+    for name, cfg in (("plain", CompressorConfig.from_name("debug")),
+                      ("coded", CompressorConfig.from_name("debug", n_codes=3))):
+        model = Compressor(cfg)
+        save_checkpoint(tmp_path / name, model)
+        path = tmp_path / name / "config.json"
+        payload = json.loads(path.read_text())
+        for field in (("code_balance",) if cfg.n_codes else
+                      ("n_codes", "code_temperature", "code_balance")):
+            del payload["config"][field]
+        path.write_text(json.dumps(payload))
+        loaded = load_checkpoint(tmp_path / name)
+        assert loaded.config == cfg
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                     model.state_dict().values(), strict=True))
+    payload["config"]["no_such_field"] = 1  # still strict about fields it never had
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="no_such_field"):
+        load_checkpoint(tmp_path / "coded")
+
+
 def test_code_fields_are_checked_and_default_in_older_configs():
     cfg = CompressorConfig.from_name("debug")
     assert (cfg.n_codes, cfg.code_temperature) == (0, 0.01)
