@@ -12,6 +12,7 @@ from cir.cli.common import (
     err_console,
     fail,
     handle_errors,
+    parse_overrides,
     print_json,
     progress,
     resumable,
@@ -170,6 +171,8 @@ def mount_cmd(
     max_tokens: int | None = typer.Option(2_000_000, "--max-tokens", help="Training tokens to read from the source."),
     steps_compressor: int | None = typer.Option(None, "--steps-compressor", help="Compressor training steps (default: the preset's)."),
     steps_lm: int | None = typer.Option(None, "--steps-lm", help="LM training steps (default: the preset's)."),
+    compressor_set: list[str] = typer.Option([], "--compressor-set", help="Compressor config override key=value (as `compressor train --set`); repeat it. The experts of one registry may differ in it."),
+    lr_compressor: float | None = typer.Option(None, "--lr-compressor", help="Compressor peak learning rate (default: the preset's)."),
     registry: Path | None = typer.Option(None, "--registry", help=REGISTRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -179,11 +182,19 @@ def mount_cmd(
     threshold and registers it atomically; existing experts are never modified.
 
     Example: route-cli mount c-code --source /usr/include --max-tokens 1000000
+
+    With a coded compressor (8 codes, free shares: routes better than the default, and
+    scores about 10 times as fast; docs/results/cpu-compressor.md, "Codes that route"):
+    route-cli mount c-code --source /usr/include --compressor-set n_codes=8
+    --compressor-set code_balance=false --steps-compressor 1450 --lr-compressor 6e-3
     """
     from cir.router.mount import MountConfig, mount
 
+    if lr_compressor is not None and not lr_compressor > 0:
+        fail(f"--lr-compressor must be > 0, got {lr_compressor}")
     cfg = MountConfig(preset=preset, max_tokens=max_tokens, steps_compressor=steps_compressor,
-                      steps_lm=steps_lm)
+                      steps_lm=steps_lm, compressor_overrides=parse_overrides(compressor_set),
+                      compressor_train={} if lr_compressor is None else {"lr": lr_compressor})
     reg = _registry(registry)
     with resumable(None, f"the mount of {name!r}"), progress(disable=as_json) as bar:
         task = bar.add_task(f"{name}: start", total=None, info="")

@@ -82,6 +82,10 @@ class MountConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key.replace('_', '-')} must be >= 1, got {value}")
+        if self.compressor_overrides:  # a wrong field fails here, before any corpus is built
+            from cir.compressor.model import CompressorConfig
+
+            CompressorConfig.from_name(self.preset, **self.compressor_overrides)
 
 
 @dataclass

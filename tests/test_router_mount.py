@@ -101,6 +101,39 @@ def test_mount_refuses_a_language_model_as_its_compressor(tiny_corpus, tiny_toke
     assert reg.names() == []
 
 
+def test_cli_mounts_a_coded_compressor(tiny_corpus, tiny_tokenizer, tmp_path):
+    """`--compressor-set` and `--lr-compressor` reach the mounted compressor (refitted after
+    training, as every coded run is) and are recorded; a wrong field or rate is one line,
+    exit 2, before anything is built."""
+    from cir.compressor.train import REFIT_KEY
+
+    from cir.checkpoint import load_checkpoint, weights_metadata
+
+    reg = Registry(tmp_path / "registry")
+    reg.set_tokenizer(tiny_tokenizer)
+    base = ["mount", "code", "--source", str(tiny_corpus / "code"), "--preset", "debug",
+            "--registry", str(reg.root), "--steps-compressor", "12", "--steps-lm", "4", "--json"]
+    for extra, message in ((["--compressor-set", "no_such=1"], "no fields ['no_such']"),
+                           (["--compressor-set", "n_codes=1"], "n_codes must be 0"),
+                           (["--lr-compressor", "0"], "--lr-compressor must be > 0")):
+        res = CliRunner().invoke(app, [*base, *extra])
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
+        assert reg.names() == [] and not reg.work_dir("code").exists()
+    res = CliRunner().invoke(app, [*base, "--compressor-set", "n_codes=2", "--compressor-set",
+                                   "code_balance=false", "--lr-compressor", "0.01"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads(res.stdout)["meta"]["mount_config"]
+    assert meta["compressor_overrides"] == {"n_codes": 2, "code_balance": False}
+    assert meta["compressor_train"]["lr"] == 0.01
+    comp = reg.root / "code" / "compressor"
+    assert load_checkpoint(comp).config.n_codes == 2
+    assert REFIT_KEY in weights_metadata(comp / "model.safetensors")
+    lr = [json.loads(line)["lr"] for line in (comp / "metrics.jsonl").read_text().splitlines()
+          if '"lr"' in line]
+    assert max(lr) == pytest.approx(0.01, rel=1e-3)
+
+
 _CHILD = textwrap.dedent("""
     import sys
     from cir.router.mount import MountConfig, mount
