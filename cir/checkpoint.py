@@ -162,8 +162,11 @@ def read_config(directory: str | Path) -> tuple[str, Any]:
         kind, raw = payload["kind"], payload["config"]
     except (ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or not UTF-8
         raise CheckpointError(f"{path}: malformed config ({exc})") from None
-    try:  # the class's own from_dict: fields added since a config was saved get defaults
-        return kind, model_class(kind).config_class.from_dict(raw)
+    config_class = model_class(kind).config_class
+    # a class's own from_dict: it may give fields added since a config was saved defaults
+    load = getattr(config_class, "from_dict", None) or (lambda d: config_from_dict(config_class, d))
+    try:
+        return kind, load(raw)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
