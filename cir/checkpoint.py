@@ -163,7 +163,8 @@ def read_config(directory: str | Path) -> tuple[str, Any]:
     except (ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or not UTF-8
         raise CheckpointError(f"{path}: malformed config ({exc})") from None
     config_class = model_class(kind).config_class
-    # a class's own from_dict: it may give fields added since a config was saved defaults
+    # a class's own from_dict: it may give fields added since a config was saved defaults;
+    # a registered model whose config class has none gets the strict loader
     load = getattr(config_class, "from_dict", None) or (lambda d: config_from_dict(config_class, d))
     try:
         return kind, load(raw)
