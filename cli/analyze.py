@@ -374,7 +374,7 @@ def bench_routing_cmd(
                                   "domain not mounted); repeat."),
     max_train: int | None = typer.Option(None, min=1, help="Training chunks per domain the "
                                          "baselines are fitted on, spread evenly (default: "
-                                         "20,000, at least a `small` compressor's training "
+                                         "24,000, at least a `small` compressor's training "
                                          "data; all of them when fewer)."),
     max_train_latent: int = typer.Option(200, min=1, help="At most this many of them for the "
                                          "baselines on latents (an encoder pass each)."),

@@ -47,8 +47,10 @@ class CompressorConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     # 0: the decoder reads the encoder's latents (the paper's). N > 0: a discrete
-    # bottleneck of log2(N) bits: the encoder picks one of N learned codes, each a latent
-    # set and an output shift, and the decoder reads that code (Compressor.reconstruct)
+    # bottleneck of log2(N) bits: a chunk is encoded as one of N learned codes, each a
+    # latent set and an output shift, and the decoder reads that code: the code that
+    # reconstructs the chunk best (Compressor.best_codes), or from latents alone the
+    # encoder's pick (Compressor.reconstruct)
     n_codes: int = 0
     # how soft a chunk's training share between codes is, in nats per token (_code_loss)
     code_temperature: float = 0.01
@@ -122,9 +124,11 @@ CompressorConfig.presets = {
     # tests: a forward pass in milliseconds on CPU
     "debug": dict(vocab_size=512, seq_len=32, n_latents=4, d_model=32, n_heads=2,
                   n_enc_layers=1, n_dec_layers=1, d_ff=64),
-    # a useful router trained in minutes on a couple of CPU cores
+    # a useful router trained in minutes on a couple of CPU cores: 8 codes, balanced in
+    # training, refitted after it (docs/results/cpu-compressor.md, "The small preset");
+    # n_codes=0 gives the same network with continuous latents
     "small": dict(vocab_size=8192, seq_len=512, n_latents=8, d_model=64, n_heads=2,
-                  n_enc_layers=2, n_dec_layers=2, d_ff=256),
+                  n_enc_layers=2, n_dec_layers=2, d_ff=256, n_codes=8),
     "base": dict(vocab_size=32768, seq_len=512, n_latents=8, d_model=384, n_heads=6,
                  n_enc_layers=6, n_dec_layers=6, d_ff=1536),
     # the seed's 87M, 512 -> 8 (86.5M with a 32768-token vocabulary)
@@ -279,12 +283,24 @@ class Compressor(nn.Module):
         decoder reads ``z`` itself, or with ``n_codes`` the code the encoder weighs highest
         (its latent set, plus its output shift). A chunk then reconstructs only as one of
         ``n_codes`` prototypes of the training domain, so an input unlike that domain
-        cannot steer the decoder towards itself (docs/results/cpu-compressor.md)."""
+        cannot steer the decoder towards itself (docs/results/cpu-compressor.md). Given the
+        tokens, ``forward`` and ``score`` search the codes instead (``best_codes``)."""
         if not self.config.n_codes:
             return self.decode(z, positions)
         pick = self.code_choice(z).argmax(-1)  # [B]
         logits = self.decode(self.codebook[pick].to(z.dtype), positions)
         return logits + self.code_bias[pick][:, None, :].to(logits.dtype)
+
+    @torch.no_grad()
+    def best_codes(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B]`` the code under which each chunk of ``ids, mask [B, T]`` has the lowest
+        reconstruction loss (the first on ties): a coded compressor's exact encoding,
+        since its ``n_codes`` reconstructions do not depend on the input. The encoder's
+        pick (``code_choice``) is its learned guess of the same."""
+        if not self.config.n_codes:
+            raise ValueError("best_codes() needs a compressor with n_codes")
+        logp = F.log_softmax(self.code_logits()[:, : ids.shape[1]].float(), dim=-1)
+        return _code_ce(logp, ids, mask.bool()).sum(-1).argmin(0)
 
     @torch.no_grad()
     def init_code_bias(self, token_counts: torch.Tensor) -> None:
@@ -382,14 +398,19 @@ class Compressor(nn.Module):
         ``positions [P]`` when given: cheaper training, the head being the largest matmul).
 
         With ``n_codes``, in training: ``CodeLogits``, every code's reconstruction and the
-        encoder's weights over them, for ``loss_fn``'s code loss."""
-        z = self.encode(ids, mask)
+        encoder's weights over them, for ``loss_fn``'s code loss; in eval, the
+        reconstruction of the code that reconstructs each chunk best (``best_codes``)."""
         T = ids.shape[1]
-        if self.config.n_codes and self.training:
-            per_code = self.code_logits(positions)
-            return CodeLogits(per_code if positions is not None else per_code[:, :T],
-                              self.code_choice(z), self.config.code_temperature,
-                              self.config.code_balance)
+        if self.config.n_codes:
+            per_code = self.code_logits(positions)  # [C, S or P, V]
+            if positions is None:
+                per_code = per_code[:, :T]
+            if self.training:
+                return CodeLogits(per_code, self.code_choice(self.encode(ids, mask)),
+                                  self.config.code_temperature, self.config.code_balance)
+            # eval: the code that reconstructs the chunk best; the encoder does not run
+            return per_code[self.best_codes(ids, mask)]
+        z = self.encode(ids, mask)
         if positions is not None:
             return self.reconstruct(z, positions)
         return self.reconstruct(z)[:, :T]
@@ -409,19 +430,25 @@ class Compressor(nn.Module):
         batch_size: int | None = None,
         return_latents: bool = False,
         precision: str = "auto",
+        codes: str = "best",
     ) -> ChunkScores:
         """Per-chunk reconstruction loss and TRA for ``ids, mask [B, T]``, batched.
 
         ``precision``: auto (bf16 autocast on CUDA, as the trainer runs there; fp32
-        elsewhere) | fp32 | bf16. Losses are always taken on fp32 logits."""
+        elsewhere) | fp32 | bf16. Losses are always taken on fp32 logits. ``codes`` (with
+        ``n_codes``): ``best`` scores each chunk under the code that reconstructs it best
+        (``best_codes``; the encoder runs only for ``return_latents``), ``encoder`` under
+        the code the encoder names."""
         from cir.train import autocast_for
 
+        if codes not in ("best", "encoder"):
+            raise ValueError(f"codes must be best or encoder, got {codes!r}")
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
         bs = batch_size or self.default_score_batch()
         tables = None
-        if self._use_code_tables(*ids.shape):
+        if self._use_code_tables(ids.shape[1]):
             with autocast_for(device, precision):
                 tables = self._code_tables(ids.shape[1])
         parts = []
@@ -429,7 +456,7 @@ class Compressor(nn.Module):
             sl = slice(start, start + bs)
             with autocast_for(device, precision):
                 parts.append(self._score_batch(ids[sl].to(device), mask[sl].to(device),
-                                               return_latents, tables))
+                                               return_latents, tables, codes))
         self.train(was_training)
         if not parts:
             empty = torch.zeros(0)
@@ -439,29 +466,41 @@ class Compressor(nn.Module):
     # the most memory the per-code tables of one ``score`` call may take
     CODE_TABLE_BYTES: ClassVar[int] = 1 << 30
 
-    def _use_code_tables(self, n_chunks: int, T: int) -> bool:
-        """Whether ``score`` should decode every code once rather than each chunk's: with
-        ``n_codes``, at least as many chunks as codes, and tables within budget."""
+    def _use_code_tables(self, T: int) -> bool:
+        """Whether ``score`` should decode every code once for the whole call (with
+        ``n_codes``, tables within budget) rather than once per batch, one code at a time."""
         C = self.config.n_codes
         table_bytes = 4 * C * T * self.config.vocab_size  # the fp32 log-probabilities
-        return bool(C) and n_chunks >= C and table_bytes <= self.CODE_TABLE_BYTES
+        return bool(C) and table_bytes <= self.CODE_TABLE_BYTES
 
-    def _code_tables(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each code's reconstruction over the first ``T`` positions, as scoring needs it:
-        log-probabilities ``[C, T, V]`` (fp32) and the first most likely token ``[C, T]``."""
-        logits = self.code_logits()[:, :T].float()  # [C, T, V]
+    def _code_tables(self, T: int, codes: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``codes``' reconstructions over the first ``T`` positions, as scoring needs
+        them: log-probabilities ``[C, T, V]`` (fp32) and the first most likely token
+        ``[C, T]``."""
+        per_code = self.decode(self.codebook[codes])
+        logits = (per_code + self.code_bias[codes, None, :].to(per_code.dtype))[:, :T].float()
         return F.log_softmax(logits, dim=-1), logits.max(-1).indices
 
     def _score_batch(self, ids: torch.Tensor, mask: torch.Tensor, latents: bool,
-                     tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> ChunkScores:
+                     tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     codes: str = "best") -> ChunkScores:
         mask = mask.bool()
-        z = self.encode(ids, mask)  # [B, L, D]
         T = ids.shape[1]
-        if tables is not None:  # a coded model: its C reconstructions are fixed, look them up
-            logp, best = tables  # [C, T, V], [C, T]
-            pick = self.code_choice(z).argmax(-1)[:, None]  # [B, 1]
-            ce = -logp[pick, torch.arange(T, device=ids.device)[None, :], ids]  # [B, T]
-            correct = (best[pick[:, 0]] == ids) & mask  # [B, T]
+        need_z = latents or not self.config.n_codes or codes == "encoder"
+        z = self.encode(ids, mask) if need_z else None  # [B, L, D]
+        if self.config.n_codes:  # C reconstructions fixed by the model: look them up
+            if tables is None:  # over the table budget: one code at a time
+                parts = [self._code_tables(T, slice(c, c + 1)) for c in range(self.config.n_codes)]
+                ce_all = torch.cat([_code_ce(lp, ids, mask) for lp, _ in parts])  # [C, B, T]
+                top = torch.cat([t for _, t in parts])  # [C, T]
+            else:
+                ce_all, top = _code_ce(tables[0], ids, mask), tables[1]
+            if codes == "best":
+                pick = ce_all.sum(-1).argmin(0)  # [B]
+            else:
+                pick = self.code_choice(z).argmax(-1)
+            ce = ce_all[pick, torch.arange(len(ids), device=ids.device)]  # [B, T]
+            correct = (top[pick] == ids) & mask  # [B, T]
         else:
             logits = self.reconstruct(z)[:, :T].float()  # [B, T, V]
             # flat rows: the [B, V, T] layout of a transposed call is several times slower
@@ -514,13 +553,14 @@ class Compressor(nn.Module):
 
     def scoring_flops(self) -> float:
         """Forward FLOPs to score one full chunk (matmuls and attention, as
-        ``flops_per_token``). With ``n_codes``, the encoder and the code head alone: the
-        codes' reconstructions are decoded once per ``score`` call and only looked up."""
+        ``flops_per_token``). With ``n_codes``, one addition per code and position: the
+        codes' reconstructions are decoded once per ``score`` call and only looked up, and
+        the encoder does not run."""
         c = self.config
         encoder, decoder = self._forward_flops_per_token()
         if not c.n_codes:
             return (encoder + decoder) * c.seq_len
-        return encoder * c.seq_len + 2.0 * c.n_latents * c.d_model * c.n_codes
+        return float(c.n_codes * c.seq_len)
 
 
 class CodeLogits(NamedTuple):
@@ -537,6 +577,14 @@ def loss_fn(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Reconstruction cross-entropy over real tokens (for ``cir.train.train``), plus TRA."""
     return _reconstruction_loss(model(ids, mask), ids, mask.bool())
+
+
+def _code_ce(logp: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[C, B, T]`` cross-entropy of every token of ``ids, mask [B, T]`` under each of the
+    codes' log-probabilities ``logp [C, T', V]`` (T' >= T), zero at padding."""
+    T = ids.shape[1]
+    ce = -logp[:, torch.arange(T, device=ids.device)[None, :], ids]  # [C, B, T]
+    return ce * mask
 
 
 def _reconstruction_loss(

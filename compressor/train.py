@@ -19,10 +19,11 @@ from cir.train import TrainConfig, TrainResult, train
 _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "debug": dict(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=20,
                   ckpt_every=20, log_every=5),
-    # about 5 minutes on 2 CPU cores (loss on a quarter of the positions). 1,000 steps and
-    # not more: longer runs adapt to any input and route worse (4 domains: 96.2% of held-out
-    # chunks after 1,000 steps, 94.0% after 2,000; docs/results/cpu-compressor.md, "Routing")
-    "small": dict(steps=1000, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=500,
+    # the reference's 4 minutes on 2 CPU cores (loss on a quarter of the positions): a
+    # coded step costs 2/3 of a continuous one, whose 4 minutes were 970 steps. With
+    # n_codes=0, 1,000 steps at lr 3e-3 (longer runs adapt to any input and route worse;
+    # docs/results/cpu-compressor.md, "Routing")
+    "small": dict(steps=1450, batch_size=16, lr=6e-3, warmup_steps=30, eval_every=500,
                   ckpt_every=100, log_every=10, weight_decay=0.0),
     "base": dict(steps=20_000, batch_size=64, lr=6e-4, warmup_steps=500),
     # the recipe of the GPU runs (docs/results/gpu-tra.md): constant 5e-4 after a short

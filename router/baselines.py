@@ -590,7 +590,7 @@ class DomainModels:
 # Training chunks per domain the baselines are fitted on by default: more than a `small`
 # compressor draws in training (1,000 steps x 16) and than a 5M-token corpus holds (~10K),
 # and a bound on memory (ids, and tf-idf documents) for larger corpora.
-MAX_TRAIN_CHUNKS = 20_000
+MAX_TRAIN_CHUNKS = 24_000
 
 
 def bench_routing(

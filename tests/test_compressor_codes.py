@@ -1,5 +1,5 @@
 """A compressor with a discrete bottleneck (``n_codes``): configs, the training loss
-against a per-chunk reference, eval picking the encoder's code, and codes that learn the
+against a per-chunk reference, eval and scoring under each chunk's best code, and codes that learn the
 clusters of their training domain."""
 
 from __future__ import annotations
@@ -130,7 +130,20 @@ def test_code_loss_matches_a_per_chunk_loop(balanced):
     torch.testing.assert_close(stats["tra"], hits.sum() / mask.sum())
 
 
-def test_eval_reconstructs_from_the_picked_code_alone():
+def _per_code_losses(model, ids, mask):
+    """Reference: ``[C, B]`` mean cross-entropy of each chunk under each code's full
+    reconstruction, by F.cross_entropy on every (code, chunk) pair."""
+    with torch.no_grad():
+        per_code = model.code_logits()[:, : ids.shape[1]].float()  # [C, T, V]
+    out = torch.zeros(per_code.shape[0], len(ids))
+    for c in range(per_code.shape[0]):
+        for b in range(len(ids)):
+            ce = F.cross_entropy(per_code[c], ids[b], reduction="none")
+            out[c, b] = ce[mask[b]].mean()
+    return out
+
+
+def test_eval_reconstructs_each_chunk_from_its_best_code():
     torch.manual_seed(0)
     model = Compressor(CompressorConfig.from_name("debug", n_codes=3), position_init="normal")
     with torch.no_grad():
@@ -141,26 +154,42 @@ def test_eval_reconstructs_from_the_picked_code_alone():
     out = model(ids, mask)  # training: every code's reconstruction
     assert isinstance(out, CodeLogits) and out.per_code.shape == (3, 32, 512)
     model.eval()
+    ref = _per_code_losses(model, ids, mask)  # [C, B]
+    best = ref.argmin(0)
+    assert best.unique().numel() > 1  # the chunks do not all share one code
     with torch.no_grad():
-        z = model.encode(ids, mask)
-        pick = model.code_choice(z).argmax(-1)
-        want = out.per_code.detach()[pick]  # [B, T, V]: eval reads the picked code only
+        assert torch.equal(model.best_codes(ids, mask), best)
+        want = out.per_code.detach()[best]  # [B, T, V]: eval reads the best code only
         torch.testing.assert_close(model(ids, mask), want)
         scores = model.score(ids, mask)
-        ce = F.cross_entropy(want.flatten(0, 1), ids.flatten(), reduction="none").view(6, 32)
-        torch.testing.assert_close(scores.loss, (ce * mask).sum(1) / mask.sum(1))
-        # the decoder is blind to the tokens: other inputs with the same pick, same logits
-        other = torch.randint(2, 512, ids.shape)
-        same = model.code_choice(model.encode(other, mask)).argmax(-1) == pick
-        if same.any():
-            torch.testing.assert_close(model(other, mask)[same], want[same])
-    loss, _ = loss_fn(model, ids, mask)  # eval mode: the plain loss of the picked code
+        torch.testing.assert_close(scores.loss, ref.min(0).values)
+        # the encoder's pick: ``reconstruct`` from latents alone, and score(codes="encoder")
+        z = model.encode(ids, mask)
+        pick = model.code_choice(z).argmax(-1)
+        assert not torch.equal(pick, best)  # an untrained encoder guesses wrong
+        torch.testing.assert_close(model.reconstruct(z), out.per_code.detach()[pick])
+        named = model.score(ids, mask, codes="encoder")
+        torch.testing.assert_close(named.loss, ref[pick, torch.arange(6)])
+        assert (scores.loss <= named.loss + 1e-6).all()
+        # the decoder is blind to the tokens: a chunk changed within its best code's
+        # support keeps the code, and then the same logits
+        other = ids.clone()
+        other[:, ::2] = ids[:, 1::2]  # a chunk's own tokens, moved
+        same = model.best_codes(other, mask) == best
+        assert same.any()
+        torch.testing.assert_close(model(other, mask)[same], want[same])
+    loss, _ = loss_fn(model, ids, mask)  # eval mode: the plain loss of the best code
     torch.testing.assert_close(loss, F.cross_entropy(want[mask], ids[mask]))
+    with pytest.raises(ValueError, match="codes must be"):
+        model.score(ids, mask, codes="nearest")
+    with pytest.raises(ValueError, match="needs a compressor with n_codes"):
+        Compressor(CompressorConfig.from_name("debug")).best_codes(ids, mask)
 
 
 def test_scoring_looks_codes_up_exactly_as_it_decodes_each_chunk(monkeypatch):
-    """``score`` decodes the C codes once and looks each chunk up; the same figures as
-    decoding every chunk's picked code, with padding, short chunks and few chunks."""
+    """``score`` decodes the C codes once per call and looks each chunk up, without the
+    encoder; the same figures as the per-pair reference, with padding, short chunks, an
+    empty chunk and fewer chunks than codes, and one code at a time past the table budget."""
     torch.manual_seed(0)
     model = Compressor(CompressorConfig.from_name("debug", n_codes=4), position_init="normal")
     model.eval()
@@ -170,42 +199,51 @@ def test_scoring_looks_codes_up_exactly_as_it_decodes_each_chunk(monkeypatch):
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[3, 12:] = False
     mask[7, 1:] = False
+    mask[9] = False  # empty: NaN scores
     ids[~mask] = 0
-    decoded = []
+    decoded, encoded = [], []
     orig = Compressor._code_tables
     monkeypatch.setattr(Compressor, "_code_tables",
-                        lambda self, T: decoded.append(T) or orig(self, T))
+                        lambda self, T, codes=slice(None): decoded.append(codes) or orig(self, T, codes))
+    orig_encode = Compressor.encode
+    monkeypatch.setattr(Compressor, "encode",
+                        lambda self, *a: encoded.append(1) or orig_encode(self, *a))
     fast = model.score(ids, mask, batch_size=4)
-    assert decoded == [20]  # one decoder pass over the codes for the whole call
+    assert decoded == [slice(None)] and not encoded  # one decoder pass, no encoder
+    ref = _per_code_losses(model, ids, mask)
+    keep = mask.any(1)
+    torch.testing.assert_close(fast.loss[keep], ref.min(0).values[keep])
+    assert fast.loss[9].isnan() and fast.tra[9].isnan()
     with torch.no_grad():
-        logits = model(ids, mask).float()  # eval: each chunk decodes its picked code
-        assert model.code_choice(model.encode(ids, mask)).argmax(-1).unique().numel() > 1
-    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(11, 20)
-    torch.testing.assert_close(fast.loss, (ce * mask).sum(1) / mask.sum(1))
+        logits = model(ids, mask).float()  # eval: each chunk decodes its best code
     want_correct = ((logits.argmax(-1) == ids) & mask).sum(1)
     assert torch.equal(fast.n_correct, want_correct) and torch.equal(fast.n_tokens, mask.sum(1))
-    few = model.score(ids[:3], mask[:3])  # fewer chunks than codes: decoded per chunk
-    assert decoded == [20]
+    few = model.score(ids[:3], mask[:3])  # fewer chunks than codes
     torch.testing.assert_close(few.loss, fast.loss[:3])
-    monkeypatch.setattr(Compressor, "CODE_TABLE_BYTES", 0)  # tables over budget: per chunk
-    slow = model.score(ids, mask)
-    assert decoded == [20]
-    torch.testing.assert_close(slow.loss, fast.loss)
+    with_latents = model.score(ids, mask, return_latents=True)
+    assert encoded and with_latents.latents.shape == (11, 4, 32)
+    torch.testing.assert_close(with_latents.loss, fast.loss, equal_nan=True)
+    decoded.clear()
+    monkeypatch.setattr(Compressor, "CODE_TABLE_BYTES", 0)  # over budget: one code at a time
+    slow = model.score(ids, mask, batch_size=4)
+    assert decoded == [slice(c, c + 1) for c in range(4)] * 3  # per code, per batch
+    torch.testing.assert_close(slow.loss, fast.loss, equal_nan=True)
     assert torch.equal(slow.n_correct, fast.n_correct)
+    slow_named = model.score(ids, mask, codes="encoder")
+    monkeypatch.setattr(Compressor, "CODE_TABLE_BYTES", 1 << 30)
+    torch.testing.assert_close(slow_named.loss, model.score(ids, mask, codes="encoder").loss,
+                               equal_nan=True)
 
 
-def test_scoring_flops_of_a_coded_model_are_its_encoders():
+def test_scoring_flops_of_a_coded_model_are_lookups():
     from cir.router.baselines import flops_per_chunk
 
-    plain = Compressor(CompressorConfig.from_name("small"))
+    plain = Compressor(CompressorConfig.from_name("small", n_codes=0))
     coded = Compressor(CompressorConfig.from_name("small", n_codes=8))
     c = plain.config
     assert plain.scoring_flops() == pytest.approx(plain.flops_per_token() / 3 * c.seq_len)
-    S = c.seq_len + c.n_latents
-    one_layer = 2 * S * (4 * c.d_model**2 + 2 * c.d_model * c.d_ff + 2 * S * c.d_model)
-    assert coded.scoring_flops() == pytest.approx(c.n_enc_layers * one_layer, rel=1e-3)
-    # small: the decoder and the LM head over 8192 tokens are 3/4 of a plain chunk's cost
-    assert coded.scoring_flops() < plain.scoring_flops() / 4
+    # one addition per code and position; no encoder, decoder or LM head per chunk
+    assert coded.scoring_flops() == 8 * c.seq_len
     both = flops_per_chunk("reconstruction", [plain, coded], None, 10, 2, 64)
     assert both == pytest.approx(plain.scoring_flops() + coded.scoring_flops())
 
