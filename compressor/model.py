@@ -124,11 +124,11 @@ CompressorConfig.presets = {
     # tests: a forward pass in milliseconds on CPU
     "debug": dict(vocab_size=512, seq_len=32, n_latents=4, d_model=32, n_heads=2,
                   n_enc_layers=1, n_dec_layers=1, d_ff=64),
-    # a useful router trained in minutes on a couple of CPU cores: 8 codes, balanced in
-    # training, refitted after it (docs/results/cpu-compressor.md, "The small preset");
-    # n_codes=0 gives the same network with continuous latents
+    # a useful router trained in minutes on a couple of CPU cores: 8 codes with free
+    # shares, refitted after training (docs/results/cpu-compressor.md, "The small
+    # preset"); n_codes=0 gives the same network with continuous latents
     "small": dict(vocab_size=8192, seq_len=512, n_latents=8, d_model=64, n_heads=2,
-                  n_enc_layers=2, n_dec_layers=2, d_ff=256, n_codes=8),
+                  n_enc_layers=2, n_dec_layers=2, d_ff=256, n_codes=8, code_balance=False),
     "base": dict(vocab_size=32768, seq_len=512, n_latents=8, d_model=384, n_heads=6,
                  n_enc_layers=6, n_dec_layers=6, d_ff=1536),
     # the seed's 87M, 512 -> 8 (86.5M with a 32768-token vocabulary)

@@ -7,14 +7,15 @@
 #   python-code$SUFFIX python-docs$SUFFIX python-prose$SUFFIX c-code$SUFFIX man-pages$SUFFIX,
 #   the last four with the first one's --tokenizer.
 # env: SUFFIX (default: none, the 8,192-token corpora), SEEDS (default "0 1 2 3"),
-#   STEPS (default 1000), EXTRA (more `compressor train` flags, e.g. "--set n_codes=8 --lr 6e-3"),
+#   STEPS (default: the preset's), EXTRA (more `compressor train` flags, e.g.
+#   "--set n_codes=0 --lr 3e-3" for continuous latents),
 #   TAG (names this sweep's runs and logs apart from another's, e.g. "-codes")
 # Writes $OUT/small-routing.tgz (every JSON) and prints one line per evaluation.
 set -euo pipefail
 source scripts/gpu_setup.sh
 SUFFIX=${SUFFIX:-}
 SEEDS=${SEEDS:-0 1 2 3}
-STEPS=${STEPS:-1000}
+STEPS=${STEPS:+--steps $STEPS}
 EXTRA=${EXTRA:-}
 TAG=${TAG:-}
 DOMAINS="python-code python-docs c-code man-pages"
@@ -22,9 +23,9 @@ LOGS=$CIR_HOME/logs/small-routing$SUFFIX$TAG
 mkdir -p "$LOGS"
 
 train() {  # domain seed
-  # shellcheck disable=SC2086  # EXTRA holds several flags
+  # shellcheck disable=SC2086  # STEPS and EXTRA hold flags
   route-cli compressor train --data "$1$SUFFIX" --out "$CIR_HOME/runs/$1$SUFFIX$TAG-s$2" \
-    --preset small --steps "$STEPS" --seed "$2" --device cuda --json $EXTRA \
+    --preset small $STEPS --seed "$2" --device cuda --json $EXTRA \
     > "$LOGS/$1-s$2.train.json" 2> "$LOGS/$1-s$2.train.err"
 }
 separation() {  # seed: the python-code compressor against all docs and prose chunks
