@@ -58,7 +58,7 @@ def train_cmd(
     constant_steps: int = typer.Option(0, help="With --decay-steps: this many steps at the "
                                        "constant rate before the decay."),
     refit_codes: bool = typer.Option(
-        True, "--refit-codes/--no-refit-codes", help="With --set n_codes=N: once training "
+        True, "--refit-codes/--no-refit-codes", help="With codes (n_codes > 0): once training "
         "is done, refit each code's output shift to the training chunks its encoder picks "
         "(a few seconds; routes far better)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -67,17 +67,16 @@ def train_cmd(
 
     Example: route-cli compressor train --data python-code --out runs/cmp --preset small
 
-    A 3-bit discrete bottleneck, which separates code from Python docs better than the
-    unigram in 4 minutes of 2 CPU cores, and routes as well as the default
+    `small` is a 3-bit discrete bottleneck (8 codes, refitted after training), trained for
+    the reference's 4 minutes of 2 CPU cores. Its batch split evenly between the codes
+    instead: separates code from Python docs more, routes less well
     (docs/results/cpu-compressor.md):
-    route-cli compressor train --data python-code --out runs/codes --preset small
-    --steps 1450 --lr 6e-3 --set n_codes=8
+    route-cli compressor train --data python-code --out runs/bal --preset small
+    --set code_balance=true
 
-    The same, each chunk training the codes that fit it best rather than a batch split
-    evenly between them: routes better still (97.5% of four domains' chunks), separates
-    less:
-    route-cli compressor train --data python-code --out runs/codes --preset small
-    --steps 1450 --lr 6e-3 --set n_codes=8 --set code_balance=false
+    The same network with continuous latents, the paper's autoencoder:
+    route-cli compressor train --data python-code --out runs/cont --preset small
+    --set n_codes=0 --steps 1000 --lr 3e-3
 
     Several corpora built with one tokenizer, sampled in proportion to their chunks:
     route-cli compressor train --data python-code --data my-code --out runs/cmp2
@@ -390,7 +389,8 @@ def bench_cmd(
     Weights are random: throughput does not depend on their values.
     Example: route-cli bench compressor --preset small --preset paper --batch-size 8
 
-    With 8 codes: route-cli bench compressor --preset small --batch-size 64 --set n_codes=8
+    `small` with continuous latents: route-cli bench compressor --preset small
+    --batch-size 64 --set n_codes=0
     """
     from cir.compressor.bench import bench_scoring
 
@@ -442,8 +442,8 @@ def bench_train_cmd(
     Example: route-cli bench compressor-train --preset paper --device cuda
     --compile default --compile max-autotune-no-cudagraphs --optimizer adamw --optimizer muon
 
-    The step of `small` against the same with 8 codes: route-cli bench compressor-train
-    --repeats 20; then the same with --set n_codes=8
+    The step of `small` (8 codes) against the same with continuous latents: route-cli
+    bench compressor-train --repeats 20; then the same with --set n_codes=0
     """
     from cir.compressor.bench import bench_training
 

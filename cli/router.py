@@ -183,10 +183,10 @@ def mount_cmd(
 
     Example: route-cli mount c-code --source /usr/include --max-tokens 1000000
 
-    With a coded compressor (8 codes, free shares: routes better than the default, and
-    scores about 10 times as fast; docs/results/cpu-compressor.md, "Codes that route"):
-    route-cli mount c-code --source /usr/include --compressor-set n_codes=8
-    --compressor-set code_balance=false --steps-compressor 1450 --lr-compressor 6e-3
+    With the paper's continuous latents instead of the default's 8 codes (routes a little
+    worse; docs/results/cpu-compressor.md, "The small preset"):
+    route-cli mount c-code --source /usr/include --compressor-set n_codes=0
+    --steps-compressor 1000 --lr-compressor 3e-3
     """
     from cir.router.mount import MountConfig, mount
 

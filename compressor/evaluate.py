@@ -330,7 +330,7 @@ class UnigramMixture:
     unigrams of the training chunks, fitted by hard EM (each chunk to the unigram that
     gives it the highest likelihood, each unigram refitted on its chunks, until no chunk
     moves). A chunk's score is its mean cross-entropy under its best unigram, as a coded
-    compressor's is under its picked code. With one cluster it is the add-one unigram
+    compressor's is under its best code. With one cluster it is the add-one unigram
     exactly; it never sees token order."""
 
     log_probs: np.ndarray  # [K, V] each cluster's log token distribution

@@ -625,8 +625,9 @@ def _code_loss(
     part, where free shares would hand every chunk to whichever code learned the unigram
     first; each code learns its share (``sum_c r_c CE_c``, token-weighted over chunks).
     The encoder learns to pick ``argmin_c CE`` (cross-entropy on its log-weights), the
-    code scoring then uses. The returned value (and TRA) is the picked code's
-    reconstruction, the figure ``score`` reports; its gradient is the objective's."""
+    code scoring searches for (``best_codes``). The returned value (and TRA) is the
+    encoder's picked code's reconstruction, ``score(codes="encoder")``'s figure; its
+    gradient is the objective's."""
     logp = F.log_softmax(out.per_code.float(), dim=-1)  # [C, T, V]
     T = ids.shape[1]
     tok = logp[:, torch.arange(T, device=ids.device)[None, :], ids]  # [C, B, T]
