@@ -629,10 +629,8 @@ def _code_loss(
     encoder's picked code's reconstruction, ``score(codes="encoder")``'s figure; its
     gradient is the objective's."""
     logp = F.log_softmax(out.per_code.float(), dim=-1)  # [C, T, V]
-    T = ids.shape[1]
-    tok = logp[:, torch.arange(T, device=ids.device)[None, :], ids]  # [C, B, T]
     n_chunk = mask.sum(-1)  # [B]
-    ce = -(tok * mask).sum(-1).T / n_chunk.clamp(min=1)[:, None]  # [B, C]
+    ce = _code_ce(logp, ids, mask).sum(-1).T / n_chunk.clamp(min=1)[:, None]  # [B, C]
     fit = -ce.detach() / out.temperature  # [B, C]
     share = balanced_shares(fit) if out.balanced else torch.softmax(fit, dim=-1)
     weight = n_chunk / n_chunk.sum().clamp(min=1)  # token-weighted over chunks

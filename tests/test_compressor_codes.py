@@ -73,6 +73,12 @@ def test_code_fields_are_checked_and_default_in_older_configs():
         CompressorConfig.from_name("debug", n_codes=4, code_temperature=0.0)
     plain = Compressor(cfg)
     assert not any(name.startswith("code") for name, _ in plain.named_parameters())
+    # `small` is coded now; a `small` saved before the code fields stays continuous
+    small = CompressorConfig.from_name("small")
+    assert (small.n_codes, small.code_balance) == (8, False)
+    old_small = dataclasses.asdict(CompressorConfig.from_name("small", n_codes=0))
+    del old_small["n_codes"], old_small["code_temperature"], old_small["code_balance"]
+    assert CompressorConfig.from_dict(old_small).n_codes == 0
 
 
 def test_balanced_shares_split_the_batch_evenly():
