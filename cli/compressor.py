@@ -149,6 +149,9 @@ def eval_cmd(
     device: str = typer.Option("cpu", help="cpu | cuda"),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, as trained "
                                   "there; fp32 on CPU) | fp32 | bf16"),
+    codes: str = typer.Option("best", help="With codes (n_codes > 0): score each chunk under "
+                              "the code that reconstructs it best | the code its encoder "
+                              "names (encoder)."),
     baseline: bool = typer.Option(True, help="Also the AUROC of a unigram model of the "
                                   "first dataset's train split (a bag-of-tokens baseline)."),
     topics: list[int] = typer.Option([], "--topics", help="Also the AUROC of a topic model "
@@ -216,6 +219,8 @@ def eval_cmd(
 
     if precision not in PRECISIONS:
         fail(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if codes not in ("best", "encoder"):
+        fail(f"--codes must be best or encoder, got {codes!r}")
     if worst_by not in WORST_BY:
         fail(f"--worst-by must be {' or '.join(WORST_BY)}, got {worst_by!r}")
     for flag, counts in (("--topics", topics), ("--clusters", clusters)):
@@ -243,7 +248,7 @@ def eval_cmd(
     with progress(disable=as_json or markdown) as bar:
         task = bar.add_task("score", total=total, info="")
         rows = evaluate(model, datasets, batch_size=batch_size, max_chunks=max_chunks,
-                        precision=precision, on_batch=lambda name, n: bar.update(task, advance=n, info=name))
+                        precision=precision, codes=codes, on_batch=lambda name, n: bar.update(task, advance=n, info=name))
     aurocs = auroc_table(rows) if len(rows) > 1 else {}
     train_split = None
     if data[0] != "random" and ((baseline and len(rows) > 1) or unseen_below is not None

@@ -69,15 +69,17 @@ def score_dataset(
     max_chunks: int | None = None,
     on_batch: Callable[[int], None] | None = None,
     precision: str = "auto",
+    codes: str = "best",
 ) -> ChunkScores:
     """Per-chunk scores of ``data`` (a ``ChunkDataset``); ``on_batch(n_chunks)`` after each.
-    ``precision`` as in ``Compressor.score`` (auto: bf16 on CUDA, fp32 on CPU)."""
+    ``precision`` and ``codes`` as in ``Compressor.score`` (auto: bf16 on CUDA, fp32 on
+    CPU; a coded model's best code, or the encoder's pick)."""
     idx = pick_chunks(len(data), max_chunks)
     bs = batch_size or model.default_score_batch()
     parts = []
     for start in range(0, len(idx), bs):
         ids, mask = data.get_batch(idx[start : start + bs])
-        parts.append(model.score(ids, mask, batch_size=bs, precision=precision))
+        parts.append(model.score(ids, mask, batch_size=bs, precision=precision, codes=codes))
         if on_batch is not None:
             on_batch(len(ids))
     if not parts:
@@ -115,13 +117,14 @@ def evaluate(
     device: str = "cpu",
     on_batch: Callable[[str, int], None] | None = None,
     precision: str = "auto",
+    codes: str = "best",
 ) -> list[EvalRow]:
     """One ``EvalRow`` per named dataset (same order), with per-chunk scores for AUROC."""
     model = _as_model(checkpoint_or_model, device)
     rows = []
     for name, data in datasets.items():
         cb = None if on_batch is None else (lambda n, _name=name: on_batch(_name, n))
-        scores = score_dataset(model, data, batch_size, max_chunks, cb, precision)
+        scores = score_dataset(model, data, batch_size, max_chunks, cb, precision, codes)
         rows.append(row_from_scores(name, scores, pick_chunks(len(data), max_chunks)))
     return rows
 

@@ -417,8 +417,9 @@ class Compressor(nn.Module):
 
     def default_score_batch(self) -> int:
         """Chunks per scoring pass so that one pass's fp32 logits stay near 512 MiB on a
-        GPU and 64 MiB on a CPU (where larger passes are no faster, only heavier)."""
-        per_chunk = 4 * self.config.seq_len * self.config.vocab_size
+        GPU and 64 MiB on a CPU (where larger passes are no faster, only heavier); a coded
+        model holds each chunk's losses under its codes instead (``n_codes`` per token)."""
+        per_chunk = 4 * self.config.seq_len * (self.config.n_codes or self.config.vocab_size)
         budget = (512 if next(self.parameters()).is_cuda else 64) << 20
         return max(1, min(256, budget // per_chunk))
 

@@ -88,6 +88,40 @@ def test_cli_eval_markdown(tiny_dataset, tmp_path):
     assert bad.exit_code != 0 and "--precision must be auto, fp32 or bf16" in bad.output
 
 
+def test_cli_eval_scores_codes_by_search_or_by_the_encoders_pick(tiny_dataset, tmp_path):
+    """`compressor eval --codes`: a coded model's rows under each chunk's best code
+    (default) or its encoder's pick, each equal to ``Compressor.score`` under that rule;
+    a bad value is a one-line error."""
+    import torch
+    from cir.compressor.model import Compressor, CompressorConfig
+    from cir.data.shards import open_dataset
+
+    from cir.checkpoint import save_checkpoint
+
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    torch.manual_seed(0)
+    model = Compressor(CompressorConfig.from_name(
+        "debug", vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"], n_codes=4))
+    with torch.no_grad():
+        model.code_bias.normal_()
+    save_checkpoint(tmp_path / "m", model)
+    rows = {}
+    for codes in ("best", "encoder"):
+        ev = _invoke("compressor", "eval", str(tmp_path / "m"), "--data", str(tiny_dataset),
+                     "--split", "train", "--codes", codes, "--no-baseline", "--json")
+        rows[codes] = ev["rows"][0]
+    data = open_dataset(tiny_dataset, "train")
+    ids, mask = data.get_batch(np.arange(len(data)))
+    for codes, row in rows.items():
+        s = model.score(ids, mask, codes=codes)
+        want = float((s.loss * s.n_tokens).sum() / s.n_tokens.sum())
+        assert row["loss"] == pytest.approx(want, rel=1e-5)
+    assert rows["best"]["loss"] < rows["encoder"]["loss"]
+    bad = CliRunner().invoke(app, ["compressor", "eval", str(tmp_path / "m"), "--data",
+                                   str(tiny_dataset), "--codes", "nearest"])
+    assert bad.exit_code == 2 and "--codes must be best or encoder" in bad.output
+
+
 def test_cli_eval_ood_split_all(tiny_dataset, tiny_prose_dataset, tmp_path):
     """--ood-split all scores every chunk of the corpora after the first; the in-domain one
     keeps --split, `random` its test draw, and --split all is refused."""
