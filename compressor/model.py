@@ -299,8 +299,7 @@ class Compressor(nn.Module):
         pick (``code_choice``) is its learned guess of the same."""
         if not self.config.n_codes:
             raise ValueError("best_codes() needs a compressor with n_codes")
-        logp = F.log_softmax(self.code_logits()[:, : ids.shape[1]].float(), dim=-1)
-        return _code_ce(logp, ids, mask.bool()).sum(-1).argmin(0)
+        return _best_codes(self.code_logits()[:, : ids.shape[1]], ids, mask)
 
     @torch.no_grad()
     def init_code_bias(self, token_counts: torch.Tensor) -> None:
@@ -371,12 +370,13 @@ class Compressor(nn.Module):
         return {"chunks": len(ids), "code_use": torch.bincount(picks, minlength=C).tolist(),
                 "rounds": rounds}
 
-    def code_logits(self, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[C, seq_len or P, V]`` of every code's reconstruction (its latent set,
-        plus its output shift). They do not depend on the input: one decoder pass over the
-        ``n_codes`` codes serves any number of chunks."""
-        per_code = self.decode(self.codebook, positions)
-        return per_code + self.code_bias[:, None, :].to(per_code.dtype)
+    def code_logits(self, positions: torch.Tensor | None = None,
+                    codes: slice = slice(None)) -> torch.Tensor:
+        """Logits ``[C, seq_len or P, V]`` of the ``codes``' reconstructions (every code by
+        default: its latent set, plus its output shift). They do not depend on the input:
+        one decoder pass over the codes serves any number of chunks."""
+        per_code = self.decode(self.codebook[codes], positions)
+        return per_code + self.code_bias[codes, None, :].to(per_code.dtype)
 
     def decode(self, z: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Latents ``z [B, L, D]`` -> logits ``[B, seq_len, V]``; sees nothing but z.
@@ -401,15 +401,15 @@ class Compressor(nn.Module):
         encoder's weights over them, for ``loss_fn``'s code loss; in eval, the
         reconstruction of the code that reconstructs each chunk best (``best_codes``)."""
         T = ids.shape[1]
-        if self.config.n_codes:
+        if self.config.n_codes and self.training:
             per_code = self.code_logits(positions)  # [C, S or P, V]
-            if positions is None:
-                per_code = per_code[:, :T]
-            if self.training:
-                return CodeLogits(per_code, self.code_choice(self.encode(ids, mask)),
-                                  self.config.code_temperature, self.config.code_balance)
-            # eval: the code that reconstructs the chunk best; the encoder does not run
-            return per_code[self.best_codes(ids, mask)]
+            return CodeLogits(per_code if positions is not None else per_code[:, :T],
+                              self.code_choice(self.encode(ids, mask)),
+                              self.config.code_temperature, self.config.code_balance)
+        if self.config.n_codes:  # eval: the code that reconstructs the chunk best, found
+            per_code = self.code_logits()  # on every position; the encoder does not run
+            pick = _best_codes(per_code[:, :T], ids, mask)
+            return per_code[pick][:, positions] if positions is not None else per_code[pick, :T]
         z = self.encode(ids, mask)
         if positions is not None:
             return self.reconstruct(z, positions)
@@ -478,8 +478,7 @@ class Compressor(nn.Module):
         """The ``codes``' reconstructions over the first ``T`` positions, as scoring needs
         them: log-probabilities ``[C, T, V]`` (fp32) and the first most likely token
         ``[C, T]``."""
-        per_code = self.decode(self.codebook[codes])
-        logits = (per_code + self.code_bias[codes, None, :].to(per_code.dtype))[:, :T].float()
+        logits = self.code_logits(codes=codes)[:, :T].float()  # [C, T, V]
         return F.log_softmax(logits, dim=-1), logits.max(-1).indices
 
     def _score_batch(self, ids: torch.Tensor, mask: torch.Tensor, latents: bool,
@@ -586,6 +585,14 @@ def _code_ce(logp: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch
     T = ids.shape[1]
     ce = -logp[:, torch.arange(T, device=ids.device)[None, :], ids]  # [C, B, T]
     return ce * mask
+
+
+@torch.no_grad()
+def _best_codes(per_code: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` the code of ``per_code [C, T, V]`` logits under which each chunk of ``ids,
+    mask [B, T]`` has the lowest summed cross-entropy (the first on ties)."""
+    logp = F.log_softmax(per_code.float(), dim=-1)
+    return _code_ce(logp, ids, mask.bool()).sum(-1).argmin(0)
 
 
 def _reconstruction_loss(
